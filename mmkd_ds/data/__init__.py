@@ -1,0 +1,1 @@
+"""Parallel corpora: readers, normalisation and filters, language mixing, the bundled sample."""

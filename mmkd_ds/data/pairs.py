@@ -1,0 +1,20 @@
+"""The unit of a parallel corpus."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Pair:
+    """An English sentence and its translation.
+
+    ``origin`` says where the pair came from, as ``path:line`` for files or
+    ``hf:name/config/split:row`` for Hugging Face datasets, so that any later problem with the
+    pair can be traced back to its source.
+    """
+
+    en: str
+    xx: str
+    lang: str
+    origin: str
