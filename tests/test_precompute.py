@@ -1,0 +1,179 @@
+"""Teacher precompute: stored values, shard format, resume byte identity, multi-rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from mmkd_ds.config import load_config
+from mmkd_ds.data.synthetic import write_synthetic_tsv
+from mmkd_ds.distributed import ProcessPlace
+from mmkd_ds.precompute import run_precompute
+from mmkd_ds.shards.manifest import ManifestError, read_manifest
+from mmkd_ds.shards.writer import INDEX_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small_corpus(tmp_path: Path) -> Path:
+    """40 German and 40 Swahili pairs of the bundled sample, in a TSV per language."""
+    out = tmp_path / "corpus"
+    out.mkdir()
+    sample = REPO / "mmkd_ds" / "data" / "sample"
+    for lang in ("de", "sw"):
+        lines = (sample / f"train.en-{lang}.tsv").read_text(encoding="utf-8").splitlines()[:40]
+        (out / f"small.en-{lang}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out
+
+
+def write_config(tmp_path: Path, teacher_dir: Path, corpus_glob: str, out_dir: Path, shard_size: int) -> Path:
+    cfg = tmp_path / f"run-{out_dir.name}.yaml"
+    cfg.write_text(
+        f"data:\n  sources:\n    - path: '{corpus_glob}'\n  heldout: []\n"
+        f"teacher:\n  name: '{teacher_dir}'\n"
+        f"precompute:\n  out_dir: '{out_dir}'\n  shard_size: {shard_size}\n  batch_size: 16\n  progress: false\n"
+    )
+    return cfg
+
+
+def shard_bytes(out_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out_dir.glob("shard-*.tar"))}
+
+
+def naive_word_vectors(model, tokenizer, words: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """One sentence, no padding, a Python loop over words: the plainest possible reference."""
+    enc = tokenizer(words, is_split_into_words=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**enc).last_hidden_state[0]
+    ids = enc.word_ids()
+    vecs = []
+    for w in range(len(words)):
+        rows = [t for t, i in enumerate(ids) if i == w]
+        vecs.append(hidden[rows].mean(0).numpy())
+    return hidden[0].numpy(), np.stack(vecs)
+
+
+def test_precompute_values_and_format(tmp_path, teacher_dir):
+    corpus = small_corpus(tmp_path)
+    out = tmp_path / "shards"
+    cfg = load_config(write_config(tmp_path, teacher_dir, str(corpus / "*.tsv"), out, shard_size=25))
+    summary = run_precompute(cfg, ProcessPlace(0, 1, 0))
+    assert summary.pairs_written == 80 and summary.shards_written == 4
+    assert "80 pairs in 4 shards" in summary.line()
+
+    manifest = read_manifest(out)
+    assert manifest.total_samples == 80
+    assert [s.samples for s in manifest.shards] == [25, 25, 25, 5]
+    assert manifest.corpus["languages"] == {"de": 40, "sw": 40}
+    assert manifest.teacher["hidden_size"] == 32 and manifest.teacher["dtype"] == "float16"
+    assert len(manifest.teacher["weights_sha256"]) == 64
+
+    # A bare webdataset pipeline reads the shards; values equal a direct teacher forward.
+    import webdataset as wds
+
+    model = AutoModel.from_pretrained(teacher_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    urls = [str(out / s.name) for s in manifest.shards]
+    seen = 0
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode():
+        meta = sample["json"]
+        cls, words = naive_word_vectors(model, tokenizer, meta["words"])
+        assert sample["cls.npy"].dtype == np.float16
+        assert sample["words.npy"].shape == (len(meta["words"]), 32)
+        np.testing.assert_allclose(sample["cls.npy"].astype(np.float32), cls, atol=2e-3, rtol=2e-3)
+        np.testing.assert_allclose(sample["words.npy"].astype(np.float32), words, atol=2e-3, rtol=2e-3)
+        assert meta["lang"] in ("de", "sw") and sample["xx.txt"]
+        seen += 1
+    assert seen == 80
+
+    # Plain tar lists the members too.
+    with tarfile.open(out / manifest.shards[0].name) as tar:
+        names = tar.getnames()
+    assert names[:5] == [f"000000000.{s}" for s in ("en.txt", "xx.txt", "json", "cls.npy", "words.npy")]
+
+    # A re-run finds everything complete and rewrites nothing.
+    again = run_precompute(cfg, ProcessPlace(0, 1, 0))
+    assert again.shards_written == 0 and again.shards_skipped == 4
+
+
+def test_refuses_directory_of_another_corpus(tmp_path, teacher_dir):
+    corpus = small_corpus(tmp_path)
+    out = tmp_path / "shards"
+    cfg = load_config(write_config(tmp_path, teacher_dir, str(corpus / "*.tsv"), out, shard_size=25))
+    run_precompute(cfg, ProcessPlace(0, 1, 0))
+    cfg.data.max_words = 8  # filters pairs out: another corpus
+    with pytest.raises(ManifestError, match=r"corpus\.fingerprint"):
+        run_precompute(cfg, ProcessPlace(0, 1, 0))
+
+
+def _precompute_cmd(cfg: Path) -> list[str]:
+    return [sys.executable, "-m", "mmkd_ds.cli.precompute", "--config", str(cfg)]
+
+
+def test_kill_and_resume_is_byte_identical(tmp_path, teacher_dir):
+    corpus = tmp_path / "synth"
+    write_synthetic_tsv(corpus, n=1500, seed=7, langs=("de", "sw"), pairs_per_file=1000)
+    glob = str(corpus / "*.tsv")
+    reference = tmp_path / "reference"
+    resumed = tmp_path / "resumed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    subprocess.run(_precompute_cmd(write_config(tmp_path, teacher_dir, glob, reference, 10)), check=True, env=env)
+
+    cfg = write_config(tmp_path, teacher_dir, glob, resumed, 10)
+    proc = subprocess.Popen(_precompute_cmd(cfg), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if len(list((resumed / INDEX_DIR).glob("shard-*.json"))) >= 3 if (resumed / INDEX_DIR).is_dir() else False:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (resumed / "manifest.json").exists(), "the run finished before it could be killed"
+    done_before = len(list((resumed / INDEX_DIR).glob("shard-*.json")))
+    assert 0 < done_before < 150
+
+    # What a kill during a write leaves: a temporary file, and a shard with no record.
+    (resumed / ".shard-000149.tar.tmp-99999").write_bytes(b"partial")
+    (resumed / "shard-000148.tar").write_bytes(b"truncated")
+
+    result = subprocess.run(_precompute_cmd(cfg), env=env, capture_output=True, text=True, check=True)
+    assert f"({done_before} already complete)" in result.stdout
+    assert shard_bytes(resumed) == shard_bytes(reference)
+    assert len(shard_bytes(reference)) == 150
+    assert (resumed / "manifest.json").read_bytes() == (reference / "manifest.json").read_bytes()
+
+
+def test_two_ranks_under_deepspeed_write_disjoint_shards(tmp_path, teacher_dir):
+    corpus = small_corpus(tmp_path)
+    glob = str(corpus / "*.tsv")
+    single = tmp_path / "single"
+    multi = tmp_path / "multi"
+    cfg = load_config(write_config(tmp_path, teacher_dir, glob, single, shard_size=15))
+    run_precompute(cfg, ProcessPlace(0, 1, 0))
+
+    launch = [
+        "deepspeed", "--num_gpus", "2", "--master_port", "29631",
+        str(REPO / "launchers" / "precompute.py"),
+        "--config", str(write_config(tmp_path, teacher_dir, glob, multi, shard_size=15)),
+    ]
+    result = subprocess.run(launch, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # Each rank wrote its own share and said so.
+    assert "[rank 0/2] precompute: 45 pairs in 3 shards" in result.stdout
+    assert "[rank 1/2] precompute: 35 pairs in 3 shards" in result.stdout
+    assert shard_bytes(multi) == shard_bytes(single)
+    a = json.loads((multi / "manifest.json").read_text())
+    b = json.loads((single / "manifest.json").read_text())
+    assert a == b
