@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     place = process_place()
     try:
         summary = run_precompute(cfg, place)
-    except (CorpusError, ManifestError, FileNotFoundError) as exc:
+    except (CorpusError, ManifestError, FileNotFoundError, ValueError) as exc:
         print(f"mmkd-precompute: {exc}", file=sys.stderr)
         return 2
     prefix = f"[rank {place.rank}/{place.world_size}] " if place.world_size > 1 else ""
