@@ -113,12 +113,28 @@ class TeacherFeatures:
 
 
 @torch.inference_mode()
-def encode_batch(teacher: Teacher, word_lists: list[list[str]]) -> list[TeacherFeatures]:
-    """One teacher forward over a batch of English word lists.
+def teacher_forward(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    word_ids: torch.Tensor,
+    n_words: int,
+    layer: int = -1,
+    pooling: str = "mean",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's [CLS] [B, H] and pooled word vectors [B, W, H], in fp32.
 
-    The [CLS] vector is hidden[layer][:, 0]; word vectors pool the subword states of each word
-    (mean or first) with the same op the training code uses.
+    Shared by the precompute and the online-teacher training mode, so both give the same
+    targets. ``word_ids`` [B, L]: word index per subword, -1 for specials and padding.
     """
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=layer != -1)
+    hidden = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
+    pooled, _ = word_pool(hidden.float(), word_ids, max(n_words, 1), pooling)
+    return hidden[:, 0].float(), pooled
+
+
+def encode_batch(teacher: Teacher, word_lists: list[list[str]]) -> list[TeacherFeatures]:
+    """One teacher forward over a batch of English word lists (the precompute's unit of work)."""
     cfg = teacher.cfg
     encs = [encode_words(teacher.tokenizer, words, cfg.max_tokens) for words in word_lists]
     B = len(encs)
@@ -134,15 +150,11 @@ def encode_batch(teacher: Teacher, word_lists: list[list[str]]) -> list[TeacherF
         attention[i, :n] = 1
         word_ids[i, :n] = torch.tensor(e.word_ids)
     device = teacher.device
-    out = teacher.model(
-        input_ids=input_ids.to(device),
-        attention_mask=attention.to(device),
-        output_hidden_states=cfg.layer != -1,
+    cls, pooled = teacher_forward(
+        teacher.model, input_ids.to(device), attention.to(device), word_ids.to(device), W, cfg.layer, cfg.pooling
     )
-    hidden = out.last_hidden_state if cfg.layer == -1 else out.hidden_states[cfg.layer]
-    pooled, _ = word_pool(hidden.float(), word_ids.to(device), W, cfg.pooling)
     dtype = storage_dtype(cfg.dtype)
-    cls = hidden[:, 0].float().to("cpu", dtype)
+    cls = cls.to("cpu", dtype)
     pooled = pooled.to("cpu", dtype)
     return [
         TeacherFeatures(cls[i].clone(), pooled[i, : e.n_words].clone(), e.counts, e.n_words)

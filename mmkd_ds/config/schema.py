@@ -191,6 +191,146 @@ class StreamConfig:
 
 
 @dataclass
+class StudentConfig:
+    """The multilingual student: any Hugging Face masked-LM."""
+
+    # Hub name or local directory of an AutoModelForMaskedLM (the demo makes a small one with
+    # `mmkd-init-student`).
+    name: str = "bert-base-multilingual-cased"
+    # Tokenizer name or directory; empty: the same as `name`.
+    tokenizer: str = ""
+    # Hub revision; ignored for local directories.
+    revision: str = "main"
+    # Longest student input in subwords, specials included ([CLS] e [SEP] x [SEP]); longer
+    # pairs lose whole words from the end of the translation first.
+    max_tokens: int = 256
+
+    def validate(self, key: str) -> None:
+        if not self.name:
+            raise ConfigError(f"{key}.name", "must name a model")
+        if self.max_tokens < 8:
+            raise ConfigError(f"{key}.max_tokens", "must be >= 8")
+
+
+@dataclass
+class LossConfig:
+    """The four MMKD objectives (DESIGN.md). Defaults follow the reference method."""
+
+    # Objective weights; 0 skips that objective's work entirely.
+    token_weight: float = 1.0
+    word_weight: float = 1.0
+    sentence_weight: float = 1.0
+    structure_weight: float = 10.0
+    # Token level (TLM): fraction of tokens selected; of those 80% [MASK], 10% random, 10% kept.
+    tlm_mask_prob: float = 0.15
+    # Word level: whole-word masking of the English side, 15% of words, at most 25%.
+    word_mask_prob: float = 0.15
+    word_mask_max: float = 0.25
+    # Student subword -> word pooling ("first": the reference; "mean").
+    word_pooling: str = "first"
+    # Similarity of student and teacher word vectors: "dot" (reference) or "cosine" (/ word_tau).
+    word_sim: str = "dot"
+    word_tau: float = 1.0
+    # Which words the InfoNCE loss averages over: "masked" (reference) or "all".
+    word_targets: str = "masked"
+    # Sentence and structure heads: MLP hidden width m and output width.
+    head_hidden: int = 2048
+    head_out: int = 128
+    # Teacher-side heads: "frozen" at a seeded initialisation (reference; BatchNorm statistics
+    # still update) or "ema" of the student's heads (only when hidden sizes match).
+    teacher_head: str = "frozen"
+    ema_decay: float = 0.99
+    teacher_head_seed: int = 0
+    # Structure level: temperature, and which columns the batch matrix has: "local" (each
+    # rank's own batch, the reference) or "global" (rows local, columns gathered from all ranks
+    # with gradient).
+    structure_tau: float = 1.0
+    structure_columns: str = "local"
+
+    def validate(self, key: str) -> None:
+        for name in ("token_weight", "word_weight", "sentence_weight", "structure_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{key}.{name}", "must be >= 0")
+        if not any(getattr(self, n) > 0 for n in ("token_weight", "word_weight", "sentence_weight", "structure_weight")):
+            raise ConfigError(f"{key}.token_weight", "at least one objective needs a weight > 0")
+        for name in ("tlm_mask_prob", "word_mask_prob", "word_mask_max"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ConfigError(f"{key}.{name}", "must be in (0, 1]")
+        if self.word_mask_max < self.word_mask_prob:
+            raise ConfigError(f"{key}.word_mask_max", "must be >= word_mask_prob")
+        choices = {
+            "word_pooling": ("first", "mean"),
+            "word_sim": ("dot", "cosine"),
+            "word_targets": ("masked", "all"),
+            "teacher_head": ("frozen", "ema"),
+            "structure_columns": ("local", "global"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{key}.{name}", f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("word_tau", "structure_tau"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{key}.{name}", "must be > 0")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"{key}.ema_decay", "must be in [0, 1)")
+        if self.head_hidden < 1 or self.head_out < 1:
+            raise ConfigError(f"{key}.head_hidden", "head sizes must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    """The distillation loop. Batch size per rank is stream.batch_size."""
+
+    # Run directory: checkpoints/, tensorboard/, metrics.jsonl, student/ (the export).
+    out_dir: str = "runs/demo/distill"
+    # "precomputed": stream teacher features from the shards (no teacher forward in the step);
+    # "online": run the frozen teacher in the step on the corpus of `data`.
+    teacher_mode: str = "precomputed"
+    # Optimizer steps (each of grad_accum micro-batches).
+    steps: int = 200
+    grad_accum: int = 1
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    # Linear warm-up over warmup_steps, then "linear" decay to 0 or "cosine", or "constant".
+    warmup_steps: int = 20
+    schedule: str = "linear"
+    grad_clip: float = 1.0
+    # "auto": bf16 on CUDA, fp32 on CPU; or force "bf16", "fp16", "fp32".
+    precision: str = "auto"
+    seed: int = 42
+    # Every N optimizer steps: log scalars / held-out retrieval (0: never) / save a checkpoint.
+    log_every: int = 10
+    eval_every: int = 100
+    save_every: int = 100
+    # Checkpoints kept on disk (older ones are deleted); 0 keeps all.
+    keep_checkpoints: int = 3
+    # Non-finite losses: a step with one is skipped and counted; this many in a row abort.
+    max_bad_steps: int = 5
+    # Resuming a run with another world size, batch size or corpus is refused unless true.
+    allow_resume_changes: bool = False
+    # Export the student as a Hugging Face directory at the end (out_dir/student).
+    export: bool = True
+
+    def validate(self, key: str) -> None:
+        if self.teacher_mode not in ("precomputed", "online"):
+            raise ConfigError(f"{key}.teacher_mode", f"must be precomputed or online, got {self.teacher_mode!r}")
+        if self.schedule not in ("linear", "cosine", "constant"):
+            raise ConfigError(f"{key}.schedule", f"must be linear, cosine or constant, got {self.schedule!r}")
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise ConfigError(f"{key}.precision", f"must be auto, bf16, fp16 or fp32, got {self.precision!r}")
+        for name in ("steps", "grad_accum", "log_every", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{key}.{name}", "must be >= 1")
+        for name in ("warmup_steps", "eval_every", "save_every", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{key}.{name}", "must be >= 0")
+        if self.lr <= 0:
+            raise ConfigError(f"{key}.lr", "must be > 0")
+        if self.grad_clip < 0:
+            raise ConfigError(f"{key}.grad_clip", "must be >= 0 (0: no clipping)")
+
+
+@dataclass
 class RunConfig:
     """One run: everything a YAML file may hold."""
 
@@ -198,9 +338,17 @@ class RunConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     precompute: PrecomputeConfig = field(default_factory=PrecomputeConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self, key: str = "") -> None:
         self.data.validate("data")
         self.teacher.validate("teacher")
         self.precompute.validate("precompute")
         self.stream.validate("stream")
+        self.student.validate("student")
+        self.loss.validate("loss")
+        self.train.validate("train")
+        if self.stream.batch_size < 2 and (self.loss.sentence_weight > 0 or self.loss.structure_weight > 0):
+            raise ConfigError("stream.batch_size", "must be >= 2: the sentence and structure heads use BatchNorm over the batch")

@@ -13,6 +13,7 @@ from each worker in turn, so batches arrive in plan order whatever K is.
 from __future__ import annotations
 
 import logging
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -29,7 +30,9 @@ from mmkd_ds.shards.writer import ShardRecord
 
 log = logging.getLogger(__name__)
 
-Transform = Callable[[list], Any]
+# transform(samples, key): key = (epoch, rank, batch index) identifies the batch, so that any
+# randomness in the transform (masking) can be seeded by it rather than by worker state.
+Transform = Callable[[list, tuple], Any]
 
 
 def _gather_problems(local: dict[str, str]) -> dict[str, str]:
@@ -74,8 +77,8 @@ def verify_shards(
 class ShardStream(IterableDataset):
     """Yields this rank's batches of one epoch, from ``start_batch`` on, split over workers.
 
-    Each batch is the list of its ``ShardSample``s passed through ``transform`` (in the worker,
-    so tokenisation runs in parallel with training).
+    Each batch is the list of its ``ShardSample``s, passed through ``transform(samples, key)``
+    when one is given (in the worker, so tokenisation runs in parallel with training).
     """
 
     def __init__(
@@ -87,8 +90,12 @@ class ShardStream(IterableDataset):
         seed: int,
         uneven: str = "pad",
         transform: Transform | None = None,
+        open_reader: Callable[[], Any] | None = None,
     ):
         self.shard_dir = Path(shard_dir)
+        # Makes the per-worker reader: ``reader.get(shard_name).read(global_index)``. Default:
+        # the shard files; the online-teacher mode reads an in-memory corpus the same way.
+        self.open_reader = open_reader
         self.records = {r.name: r for r in records}
         self.plan_shards = [PlanShard(r.name, r.samples, r.first_index) for r in records]
         self.place = place
@@ -114,15 +121,25 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         plan = self.plan()
-        cache = ShardCache(self.shard_dir, self.records)
+        cache = self.open_reader() if self.open_reader else ShardCache(self.shard_dir, self.records)
         try:
             # The first batch >= start_batch that belongs to this worker.
             first = self.start_batch + (worker - self.start_batch) % workers
             for j in range(first, plan.num_batches, workers):
                 samples = [cache.get(shard.name).read(index) for shard, index in plan.batch(j)]
-                yield self.transform(samples) if self.transform else samples
+                yield self.transform(samples, (plan.epoch, self.place.rank, j)) if self.transform else samples
         finally:
             cache.close()
+
+
+def _ignore_termination(worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGINT to their rank process, which saves and exits cleanly.
+
+    Schedulers and the deepspeed launcher signal the whole process tree; a worker that died of
+    it would make the DataLoader raise in the middle of the preemption checkpoint.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @dataclass
@@ -157,6 +174,7 @@ class ShardLoader:
             batch_size=None,  # the stream yields whole batches
             num_workers=self.num_workers,
             persistent_workers=False,  # fresh workers pick up the new epoch and start batch
+            worker_init_fn=_ignore_termination if self.num_workers else None,
             **self._loader_kwargs,
         )
         for batch in loader:

@@ -1,0 +1,55 @@
+"""`mmkd-distill` / `launchers/distill.py`: argument parsing around training.loop.train."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import deepspeed
+
+    parser = argparse.ArgumentParser(
+        prog="distill",
+        description="Train a multilingual student by MMKD from precomputed teacher shards.",
+        epilog="Any other --section.key=value overrides the YAML config, e.g. --train.steps=500.",
+    )
+    parser.add_argument("--config", help="YAML run config")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    deepspeed.add_config_arguments(parser)  # --deepspeed, --deepspeed_config
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mmkd_ds.config import ConfigError, load_config
+
+    args, overrides = build_parser().parse_known_args(argv)
+    try:
+        cfg = load_config(args.config, overrides)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"distill: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from mmkd_ds.shards.manifest import ManifestError
+    from mmkd_ds.shards.reader import ShardError
+    from mmkd_ds.training.loop import NonFiniteLossError, train
+
+    try:
+        result = train(cfg, args.deepspeed_config, resume=args.resume)
+    except (ManifestError, ShardError, FileNotFoundError) as exc:
+        print(f"distill: {exc}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as exc:
+        print(f"distill: {exc}", file=sys.stderr)
+        return 3
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(result.line(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The trained module (student + MMKD heads)."""

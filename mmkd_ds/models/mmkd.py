@@ -1,0 +1,128 @@
+"""The trained module: the student masked-LM plus the MMKD heads, computing all four losses.
+
+One encoder forward per step over the stacked row groups of ``training.batch`` (tlm, word,
+sent); the MLM head runs only on the selected positions (never a [rows, L, vocab] logits tensor);
+the student's [CLS] of the translation feeds both the sentence and the structure heads.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import Tensor, nn
+
+from mmkd_ds.config.schema import LossConfig
+from mmkd_ds.kernels.word_pool import word_pool
+from mmkd_ds.losses import SentenceHeads, StructureHeads, byol_loss, structure_kl_loss, tlm_loss, word_infonce_loss
+
+OBJECTIVES = ("token", "word", "sentence", "structure")
+
+
+def mlm_head(student: nn.Module) -> nn.Module:
+    """The module mapping hidden states [*, H] to vocabulary logits [*, V]."""
+    for name in ("cls", "lm_head"):  # BERT-style; RoBERTa/XLM-R-style
+        if hasattr(student, name):
+            return getattr(student, name)
+    raise ValueError(
+        f"{type(student).__name__}: no MLM head found (expected an attribute `cls` or `lm_head`); "
+        "use a BERT- or RoBERTa-style masked-LM student"
+    )
+
+
+def gather_columns(x: Tensor, with_grad: bool) -> Tensor:
+    """All ranks' rows of ``x`` concatenated in rank order (this rank's keep their gradient)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return x
+    if with_grad:
+        from torch.distributed.nn.functional import all_gather
+
+        return torch.cat(all_gather(x), dim=0)
+    parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+class MMKDModel(nn.Module):
+    def __init__(self, student: nn.Module, teacher_hidden: int, loss: LossConfig):
+        super().__init__()
+        self.student = student
+        self.loss_cfg = loss
+        hidden = int(student.config.hidden_size)
+        self.weights = {
+            "token": loss.token_weight,
+            "word": loss.word_weight,
+            "sentence": loss.sentence_weight,
+            "structure": loss.structure_weight,
+        }
+        if loss.token_weight > 0:
+            mlm_head(student)  # fail now, not at the first step
+        # The word level compares student and teacher word vectors in the teacher's space.
+        self.word_map = nn.Linear(hidden, teacher_hidden) if (loss.word_weight > 0 and hidden != teacher_hidden) else None
+        self.sentence_heads = (
+            SentenceHeads(hidden, teacher_hidden, loss.head_hidden, loss.head_out, loss.teacher_head_seed,
+                          loss.teacher_head, loss.ema_decay)
+            if loss.sentence_weight > 0 else None
+        )
+        self.structure_heads = (
+            StructureHeads(hidden, teacher_hidden, loss.head_hidden, loss.head_out, loss.teacher_head_seed)
+            if loss.structure_weight > 0 else None
+        )
+        encoder_args = inspect.signature(student.base_model.forward).parameters
+        self._pass_token_types = "token_type_ids" in encoder_args
+
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        """Losses of one batch: ``{"token", "word", "sentence", "structure", "total"}``.
+
+        ``batch`` is a collated batch on this module's device; it must hold teacher_cls
+        [B, H_T] and teacher_words [B, W, H_T] (from the shards, or filled in by the online
+        teacher before the call).
+        """
+        kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if self._pass_token_types:
+            kwargs["token_type_ids"] = batch["token_type_ids"]
+        hidden = self.student.base_model(**kwargs).last_hidden_state  # [R, L, H]
+        rows = batch["rows"]
+        losses: dict[str, Tensor] = {}
+        offset = 0
+        if rows["tlm"]:
+            h = hidden[offset : offset + rows["tlm"]]
+            labels = batch["tlm_labels"]
+            selected = labels != -100
+            logits = mlm_head(self.student)(h[selected])  # [M, V], only where it is scored
+            losses["token"] = tlm_loss(logits, labels[selected])
+            offset += rows["tlm"]
+        if rows["word"]:
+            h = hidden[offset : offset + rows["word"]]
+            pooled, _ = word_pool(h, batch["word_ids"], batch["n_words"], self.loss_cfg.word_pooling)
+            student_words = self.word_map(pooled) if self.word_map is not None else pooled
+            losses["word"] = word_infonce_loss(
+                student_words,
+                batch["teacher_words"].to(student_words.dtype),
+                batch["word_valid"],
+                batch["word_target"],
+                sim=self.loss_cfg.word_sim,
+                tau=self.loss_cfg.word_tau,
+            )
+            offset += rows["word"]
+        if rows["sent"]:
+            cls = hidden[offset : offset + rows["sent"], 0]  # student [CLS] of x, for both heads
+            teacher_cls = batch["teacher_cls"].to(cls.dtype)
+            if self.sentence_heads is not None:
+                z, z_teacher = self.sentence_heads(cls, teacher_cls)
+                losses["sentence"] = byol_loss(z, z_teacher)
+            if self.structure_heads is not None:
+                u, v = self.structure_heads(cls, teacher_cls)
+                if self.loss_cfg.structure_columns == "global":
+                    u_cols, v_cols = gather_columns(u, with_grad=True), gather_columns(v, with_grad=False)
+                else:
+                    u_cols = v_cols = None
+                losses["structure"] = structure_kl_loss(u, v, self.loss_cfg.structure_tau, u_cols, v_cols)
+        total = sum(self.weights[name] * value for name, value in losses.items())
+        losses["total"] = total
+        return losses
+
+    def after_step(self) -> None:
+        """Per optimizer step upkeep (the EMA teacher head, when chosen)."""
+        if self.sentence_heads is not None:
+            self.sentence_heads.update_ema()

@@ -1,0 +1,110 @@
+"""Checkpoints: DeepSpeed's sharded engine state on every rank, plus what exact resume needs.
+
+Layout under ``<out_dir>/checkpoints``: one DeepSpeed tag per save (``step00000100``) and the
+``latest`` file DeepSpeed writes last (so a save cut short is never picked up). The client state
+holds the step, the data-stream state and a hash of the run's configuration; each rank also
+writes its RNG states (dropout) next to its shard of the engine state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmkd_ds.config.loader import config_to_dict
+from mmkd_ds.config.schema import RunConfig
+
+# Settings that may change between a run and its resumption without changing what it computes.
+_RESUME_FREE = {"train.steps", "train.log_every", "train.eval_every", "train.save_every", "train.keep_checkpoints",
+                "train.export", "train.allow_resume_changes", "stream.num_workers", "precompute.progress"}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_fingerprint(cfg: RunConfig) -> dict:
+    """The flattened settings that decide the computation (compared on resume)."""
+    flat = _flatten(config_to_dict(cfg))
+    return {k: v for k, v in flat.items() if k not in _RESUME_FREE}
+
+
+def config_hash(cfg: RunConfig) -> str:
+    return hashlib.sha256(json.dumps(config_fingerprint(cfg), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def changed_settings(saved: dict, cfg: RunConfig) -> list[str]:
+    now = config_fingerprint(cfg)
+    return sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+
+
+def tag_of(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, rank: int) -> str:
+    """Save on every rank (DeepSpeed shards the engine state); returns the tag."""
+    tag = tag_of(step)
+    # RNG first: `latest` (written by save_checkpoint, last) must only name complete tags.
+    (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
+    torch.save(rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
+    return tag
+
+
+def latest_tag(ckpt_dir: Path) -> str | None:
+    latest = ckpt_dir / "latest"
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+def load_checkpoint(engine, ckpt_dir: Path, rank: int) -> dict | None:
+    """Restore the latest checkpoint into ``engine`` and this rank's RNG; return client state."""
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
+        return None
+    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    if path is None:
+        raise RuntimeError(f"{ckpt_dir / tag}: DeepSpeed could not load this checkpoint")
+    rng_file = ckpt_dir / tag / f"rng_rank{rank}.pt"
+    if not rng_file.is_file():
+        raise RuntimeError(f"{rng_file}: missing (was the checkpoint written by a different world size?)")
+    set_rng_state(torch.load(rng_file, weights_only=False))
+    return client_state
+
+
+def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` tags (rank 0 only; never the one `latest` names)."""
+    if keep <= 0:
+        return
+    tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())
+    current = latest_tag(ckpt_dir)
+    for old in tags[:-keep]:
+        if old.name != current:
+            shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,313 @@
+"""The distillation loop: build the pieces, then train step by step.
+
+Reads top to bottom: distributed set-up, student and heads, data, DeepSpeed engine, resume,
+then the loop. One optimizer step is ``train.grad_accum`` micro-batches; each micro-batch is
+one student forward (see models/mmkd.py) and, in online mode, one teacher forward.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from mmkd_ds.config.schema import RunConfig
+from mmkd_ds.distributed import ProcessPlace, process_place
+from mmkd_ds.models.mmkd import OBJECTIVES, MMKDModel
+from mmkd_ds.training.batch import MMKDCollator, batch_to_device
+from mmkd_ds.training.checkpoint import (
+    changed_settings,
+    config_fingerprint,
+    config_hash,
+    latest_tag,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from mmkd_ds.training.data import build_train_loader, teacher_hidden_size
+from mmkd_ds.training.ds_config import build_ds_config
+from mmkd_ds.training.metrics import MetricsLogger, memory_scalars
+from mmkd_ds.training.optim import build_optimizer, build_scheduler
+from mmkd_ds.training.preemption import PreemptionFlag
+
+log = logging.getLogger("mmkd_ds.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    steps_done: int
+    seconds: float
+    samples: int
+    skipped: int
+    preempted: bool
+    last_losses: dict
+    checkpoint: str | None
+    export_dir: Path | None
+
+    def line(self) -> str:
+        rate = self.samples / self.seconds if self.seconds > 0 else 0.0
+        losses = " ".join(f"{k} {v:.4f}" for k, v in self.last_losses.items())
+        end = "preempted, checkpoint saved" if self.preempted else "done"
+        export = f"; student exported to {self.export_dir}" if self.export_dir else ""
+        return (f"distill: {end} at step {self.steps_done} in {self.seconds:.1f} s, {rate:.1f} samples/s, "
+                f"{self.skipped} non-finite steps skipped; last losses: {losses}; checkpoint {self.checkpoint}{export}")
+
+
+# -- building the pieces ---------------------------------------------------------------------
+
+
+def init_distributed() -> tuple[ProcessPlace, torch.device]:
+    import deepspeed
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+    place = process_place()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(place.local_rank)
+        return place, torch.device("cuda", place.local_rank)
+    return place, torch.device("cpu")
+
+
+def build_student(cfg: RunConfig):
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    kwargs = {} if Path(cfg.student.name).exists() else {"revision": cfg.student.revision}
+    tokenizer = AutoTokenizer.from_pretrained(cfg.student.tokenizer or cfg.student.name, **kwargs)
+    student = AutoModelForMaskedLM.from_pretrained(cfg.student.name, **kwargs)
+    return student, tokenizer
+
+
+def build_online_teacher(cfg: RunConfig, device: torch.device):
+    from mmkd_ds.teacher import load_teacher
+
+    return load_teacher(cfg.teacher, device)
+
+
+def fill_online_teacher(batch: dict, teacher, cfg: RunConfig) -> None:
+    """Online mode: the frozen teacher's [CLS] and word vectors, computed in the step."""
+    from mmkd_ds.teacher import teacher_forward
+
+    n_words = batch.get("n_words") or int(batch["teacher_word_ids"].max()) + 1
+    cls, words = teacher_forward(
+        teacher.model, batch["teacher_input_ids"], batch["teacher_attention_mask"], batch["teacher_word_ids"],
+        n_words, cfg.teacher.layer, cfg.teacher.pooling,
+    )
+    batch["teacher_cls"], batch["teacher_words"] = cls, words
+
+
+def batchnorm_buffers(model: nn.Module) -> list[torch.Tensor]:
+    return [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
+
+
+def all_finite(value: torch.Tensor) -> bool:
+    """True on every rank only if the loss is finite on every rank (they must skip together)."""
+    flag = torch.isfinite(value.detach()).float().reshape(1)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
+def global_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def run_heldout_eval(engine, tokenizer, pairs, device, step: int, metrics: MetricsLogger, is_main: bool):
+    """Retrieval accuracy on held-out pairs (all ranks run it: ZeRO-3 gathers in forward)."""
+    from mmkd_ds.evaluation.retrieval import evaluate_retrieval
+
+    result = evaluate_retrieval(engine.module.student, tokenizer, pairs, device=device)
+    scalars = {"eval/retrieval_avg": result.average}
+    if result.low_resource_average is not None:
+        scalars["eval/retrieval_low_resource_avg"] = result.low_resource_average
+    for lang, r in result.per_language.items():
+        scalars[f"eval/retrieval_{lang}"] = (r["xx2en"] + r["en2xx"]) / 2
+    metrics.write(step, scalars, kind="eval")
+    if is_main:
+        tqdm.write(f"step {step}: held-out retrieval {result.summary()}")
+    return result
+
+
+# -- the loop --------------------------------------------------------------------------------
+
+
+def train(cfg: RunConfig, ds_config_path: str | None, resume: bool = False) -> TrainResult:
+    import deepspeed
+
+    place, device = init_distributed()
+    out_dir = Path(cfg.train.out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    torch.manual_seed(cfg.train.seed)  # same head initialisation on every rank
+
+    # Student, heads, and the teacher side.
+    student, tokenizer = build_student(cfg)
+    online = cfg.train.teacher_mode == "online"
+    teacher = build_online_teacher(cfg, device) if online else None
+    model = MMKDModel(student, teacher_hidden_size(cfg), cfg.loss)
+
+    # Data: shards (or the corpus), tokenised for the student in the loader workers.
+    collator = MMKDCollator(
+        tokenizer, cfg.loss, cfg.student.max_tokens, cfg.stream.seed,
+        teacher_tokenizer=teacher.tokenizer if teacher else None, teacher_max_tokens=cfg.teacher.max_tokens,
+    )
+    loader = build_train_loader(cfg, place, collator)
+    heldout = []
+    if cfg.train.eval_every and cfg.data.heldout:
+        from mmkd_ds.data.corpus import build_heldout
+
+        heldout = build_heldout(cfg.data).pairs
+
+    # The engine: ZeRO from the JSON, hyper-parameters from the run config.
+    ds_config, notes = build_ds_config(ds_config_path, cfg, place.world_size, device.type)
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    if teacher is not None and ds_config["bf16"]["enabled"]:
+        teacher.model.to(torch.bfloat16)
+    metrics = MetricsLogger(engine, out_dir, place.is_main)
+    if place.is_main:
+        for note in notes:
+            log.warning("DeepSpeed config: %s", note)
+
+    # Resume: engine state, RNG, data position; refuse silent changes of what is computed.
+    step, skipped_total = 0, 0
+    if resume and latest_tag(ckpt_dir):
+        state = load_checkpoint(engine, ckpt_dir, place.rank)
+        changed = changed_settings(state["config"], cfg)
+        if changed and place.is_main:
+            log.warning("resuming with changed settings: %s", ", ".join(changed))
+        loader.load_state_dict(state["stream"], allow_changes=cfg.train.allow_resume_changes)
+        step, skipped_total = int(state["step"]), int(state.get("skipped", 0))
+        if place.is_main:
+            tqdm.write(f"resumed from {ckpt_dir / latest_tag(ckpt_dir)} at step {step}")
+    elif resume and place.is_main:
+        tqdm.write(f"--resume: no checkpoint in {ckpt_dir}, starting fresh")
+
+    def checkpoint() -> str:
+        client = {"step": step, "stream": loader.state_dict(), "config": config_fingerprint(cfg),
+                  "config_hash": config_hash(cfg), "world_size": place.world_size, "skipped": skipped_total}
+        tag = save_checkpoint(engine, ckpt_dir, step, client, place.rank)
+        if place.is_main:
+            prune_checkpoints(ckpt_dir, cfg.train.keep_checkpoints)
+        return tag
+
+    preemption = PreemptionFlag()
+    if heldout and step == 0:
+        run_heldout_eval(engine, tokenizer, heldout, device, 0, metrics, place.is_main)
+
+    batches = iter(loader)
+    bar = tqdm(total=cfg.train.steps, initial=step, unit="step", desc="distill", disable=not place.is_main)
+    started = time.perf_counter()
+    samples_done, bad_in_a_row, preempted, last_tag = 0, 0, False, None
+    window = {"time": 0.0, "wait": 0.0, "samples": 0, "tokens": 0, "steps": 0}
+    pending: list[tuple[int, dict]] = []  # per-step losses, kept on device until the next log
+    bn_buffers = batchnorm_buffers(engine.module)
+
+    while step < cfg.train.steps:
+        step_start = time.perf_counter()
+        wait = 0.0
+        sums = {k: torch.zeros((), device=device) for k in (*OBJECTIVES, "total")}
+        micro = 0
+        while micro < cfg.train.grad_accum:
+            t0 = time.perf_counter()
+            batch = batch_to_device(next(batches), device)
+            wait += time.perf_counter() - t0
+            if online:
+                fill_online_teacher(batch, teacher, cfg)
+            saved_bn = [b.clone() for b in bn_buffers]
+            losses = engine(batch)
+            if not all_finite(losses["total"]):
+                # Skip on every rank; undo the BatchNorm statistics the bad forward updated.
+                for b, s in zip(bn_buffers, saved_bn):
+                    b.copy_(s)
+                bad_in_a_row += 1
+                skipped_total += 1
+                if place.is_main:
+                    tqdm.write(f"step {step}: non-finite loss, micro-batch skipped ({bad_in_a_row} in a row)")
+                if bad_in_a_row >= cfg.train.max_bad_steps:
+                    raise NonFiniteLossError(
+                        f"step {step}: {bad_in_a_row} non-finite losses in a row (train.max_bad_steps); stopping"
+                    )
+                continue
+            bad_in_a_row = 0
+            engine.backward(losses["total"])
+            engine.step()
+            micro += 1
+            for k, v in losses.items():
+                sums[k] += v.detach().float()
+            window["samples"] += len(batch["langs"])
+            window["tokens"] += batch["n_tokens"]
+        engine.module.after_step()
+        step += 1
+        bar.update(1)
+        window["time"] += time.perf_counter() - step_start
+        window["wait"] += wait
+        window["steps"] += 1
+        pending.append((step, {k: v / cfg.train.grad_accum for k, v in sums.items() if k in losses or k == "total"}))
+
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            samples, tokens, seconds = global_sum([window["samples"], window["tokens"], window["time"]], device)
+            seconds /= place.world_size
+            samples_done += int(samples)
+            for s, values in pending:  # one host sync per log interval, not per step
+                metrics.write(s, {f"loss/{k}": float(v) for k, v in values.items()})
+            last = {k: float(v) for k, v in pending[-1][1].items()}
+            grad_norm = engine.get_global_grad_norm()
+            scalars = {
+                "train/lr": engine.get_lr()[0],
+                "train/grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
+                "train/skipped_steps": skipped_total,
+                "throughput/samples_per_s": samples / seconds if seconds else 0.0,
+                "throughput/tokens_per_s": tokens / seconds if seconds else 0.0,
+                "time/data_wait_fraction": window["wait"] / window["time"] if window["time"] else 0.0,
+                **memory_scalars(device),
+            }
+            metrics.write(step, scalars)
+            bar.set_postfix(loss=f"{last['total']:.3f}", sps=f"{scalars['throughput/samples_per_s']:.1f}")
+            pending.clear()
+            window = {"time": 0.0, "wait": 0.0, "samples": 0, "tokens": 0, "steps": 0}
+        if heldout and cfg.train.eval_every and step % cfg.train.eval_every == 0:
+            run_heldout_eval(engine, tokenizer, heldout, device, step, metrics, place.is_main)
+        if preemption.agreed(device):
+            last_tag = checkpoint()
+            preempted = True
+            if place.is_main:
+                tqdm.write(f"step {step}: {preemption.signal_name or 'SIGTERM'} received, checkpoint {last_tag} saved")
+            break
+        if cfg.train.save_every and step % cfg.train.save_every == 0:
+            last_tag = checkpoint()
+    bar.close()
+
+    if not preempted and last_tag != f"step{step:08d}":
+        last_tag = checkpoint()
+    export_dir = None
+    if cfg.train.export and not preempted:
+        torch.distributed.barrier()
+        if place.is_main:
+            from mmkd_ds.training.export import export_student
+
+            export_dir = export_student(ckpt_dir, last_tag, cfg.student.name, tokenizer, out_dir / "student")
+        torch.distributed.barrier()
+    last_losses = {}
+    rows = [r for r in (metrics.path.read_text().splitlines() if place.is_main and metrics.path.exists() else [])]
+    if rows:
+        import json
+
+        tail = [json.loads(r) for r in rows if '"loss/total"' in r]
+        if tail:
+            last_losses = {k[5:]: v for k, v in tail[-1].items() if k.startswith("loss/")}
+    return TrainResult(step, time.perf_counter() - started, samples_done, skipped_total, preempted,
+                       last_losses, last_tag, export_dir)
