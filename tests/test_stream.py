@@ -5,47 +5,19 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from mmkd_ds.config.schema import StreamConfig, TeacherConfig
 from mmkd_ds.distributed import ProcessPlace
-from mmkd_ds.shards.format import SCHEMA_VERSION, ShardSample, sample_key
-from mmkd_ds.shards.manifest import Manifest, ManifestError, write_manifest
+from mmkd_ds.shards.format import sample_key
+from mmkd_ds.shards.manifest import ManifestError
 from mmkd_ds.shards.plan import EpochPlan, PlanShard
 from mmkd_ds.shards.reader import ShardError
 from mmkd_ds.shards.stream import build_loader
-from mmkd_ds.shards.writer import shard_name, write_shard
-from mmkd_ds.words import PRETOKENIZER_NAME
+from mmkd_ds.shards.writer import shard_name
+from shard_factory import TEACHER_NAME, make_shards
 
-TEACHER = TeacherConfig(name="tiny-teacher")
-
-
-def make_shards(out: Path, sizes: list[int], hidden: int = 4) -> Manifest:
-    """Shards of the given (uneven) sizes holding fake teacher vectors, plus their manifest."""
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    records, first = [], 0
-    for i, size in enumerate(sizes):
-        samples = []
-        for j in range(first, first + size):
-            words = ["word"] * (1 + j % 3)
-            samples.append(
-                ShardSample(
-                    key=sample_key(j), en=f"english {j}", xx=f"translation {j}", lang="sw" if j % 2 else "ur",
-                    words=words, counts=[1] * len(words), origin=f"fake.tsv:{j + 1}",
-                    cls=rng.standard_normal(hidden).astype(np.float16),
-                    word_vectors=rng.standard_normal((len(words), hidden)).astype(np.float16),
-                )
-            )
-        records.append(write_shard(out / shard_name(i), samples, first_index=first))
-        first += size
-    teacher = {"name": TEACHER.name, "revision": "local", "weights_sha256": "0" * 64, "hidden_size": hidden,
-               "layer": -1, "pooling": "mean", "dtype": "float16", "max_tokens": 128}
-    manifest = Manifest(SCHEMA_VERSION, teacher, PRETOKENIZER_NAME, {"fingerprint": "f" * 64, "pairs": first},
-                        max(sizes), records)
-    write_manifest(out, manifest)
-    return manifest
+TEACHER = TeacherConfig(name=TEACHER_NAME)
 
 
 def keys(batch) -> list[str]:

@@ -34,11 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from mmkd_ds.shards.manifest import ManifestError
     from mmkd_ds.shards.reader import ShardError
+    from mmkd_ds.training.checkpoint import ResumeError
     from mmkd_ds.training.loop import NonFiniteLossError, train
 
     try:
         result = train(cfg, args.deepspeed_config, resume=args.resume)
-    except (ManifestError, ShardError, FileNotFoundError) as exc:
+    except (ManifestError, ShardError, ResumeError, FileNotFoundError) as exc:
         print(f"distill: {exc}", file=sys.stderr)
         return 2
     except NonFiniteLossError as exc:

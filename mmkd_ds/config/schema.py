@@ -286,8 +286,11 @@ class TrainConfig:
     # "precomputed": stream teacher features from the shards (no teacher forward in the step);
     # "online": run the frozen teacher in the step on the corpus of `data`.
     teacher_mode: str = "precomputed"
-    # Optimizer steps (each of grad_accum micro-batches).
+    # Optimizer steps (each of grad_accum micro-batches); the schedule spans them.
     steps: int = 200
+    # Stop this job at this step with a checkpoint, as if preempted (0: run to `steps`). For
+    # jobs in fixed time slots: the next job continues with --resume on the same schedule.
+    stop_at: int = 0
     grad_accum: int = 1
     lr: float = 5e-5
     weight_decay: float = 0.01
@@ -321,7 +324,7 @@ class TrainConfig:
         for name in ("steps", "grad_accum", "log_every", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{key}.{name}", "must be >= 1")
-        for name in ("warmup_steps", "eval_every", "save_every", "keep_checkpoints"):
+        for name in ("warmup_steps", "eval_every", "save_every", "keep_checkpoints", "stop_at"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{key}.{name}", "must be >= 0")
         if self.lr <= 0:

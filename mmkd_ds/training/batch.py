@@ -153,8 +153,10 @@ class MMKDCollator:
         if self.groups.tlm or self.groups.word:
             pair = self.tok([w or ["."] for w in e_kept], x_kept, is_split_into_words=True)
             pair_ids = [list(ids) for ids in pair["input_ids"]]
+            # Segment ids from the tokenizer's post-processor ([CLS] e [SEP] -> 0, x [SEP] -> 1 for
+            # BERT; all 0 for RoBERTa-style): sequence_ids() is None on specials, not a segment.
             pair_types = [list(t) for t in pair["token_type_ids"]] if "token_type_ids" in pair else [
-                [0 if s == 0 else 1 for s in pair.sequence_ids(i)] for i in range(B)
+                list(pair.encodings[i].type_ids) for i in range(B)
             ]
             e_word_of = [
                 [w if (s == 0 and w is not None and e_kept[i]) else -1 for w, s in zip(pair.word_ids(i), pair.sequence_ids(i))]
@@ -221,6 +223,10 @@ class MMKDCollator:
             batch["word_ids"] = wid
             batch["n_words"] = W
         batch.update(teacher)
+        if "teacher_word_ids" in batch:
+            # Online mode: English words that the student rows dropped (truncation) have no slot
+            # among the W word vectors (the precomputed path below cuts teacher_words to W too).
+            batch["teacher_word_ids"] = batch["teacher_word_ids"].masked_fill(batch["teacher_word_ids"] >= W, -1)
         if "teacher_words" in batch and batch["teacher_words"].shape[1] != W:
             tw = torch.zeros(B, W, batch["teacher_words"].shape[-1])
             n = min(W, batch["teacher_words"].shape[1])

@@ -21,7 +21,7 @@ from mmkd_ds.config.loader import config_to_dict
 from mmkd_ds.config.schema import RunConfig
 
 # Settings that may change between a run and its resumption without changing what it computes.
-_RESUME_FREE = {"train.steps", "train.log_every", "train.eval_every", "train.save_every", "train.keep_checkpoints",
+_RESUME_FREE = {"train.steps", "train.stop_at", "train.log_every", "train.eval_every", "train.save_every", "train.keep_checkpoints",
                 "train.export", "train.allow_resume_changes", "stream.num_workers", "precompute.progress"}
 
 
@@ -69,14 +69,62 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+STATE_FILE = "mmkd_state.json"
+
+
+class ResumeError(ValueError):
+    """A checkpoint that this run may not continue from (the message names the field)."""
+
+
 def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, rank: int) -> str:
-    """Save on every rank (DeepSpeed shards the engine state); returns the tag."""
+    """Save on every rank (DeepSpeed shards the engine state); returns the tag.
+
+    Our files go first: DeepSpeed writes `latest` last, so it only ever names complete tags.
+    ``client_state`` also goes to a JSON file, readable before DeepSpeed loads anything.
+    """
     tag = tag_of(step)
-    # RNG first: `latest` (written by save_checkpoint, last) must only name complete tags.
     (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
     torch.save(rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
+    if rank == 0:
+        (ckpt_dir / tag / STATE_FILE).write_text(json.dumps(client_state, indent=1, sort_keys=True, default=str))
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
     return tag
+
+
+def read_run_state(ckpt_dir: Path) -> dict | None:
+    """The client state of the latest checkpoint, or None when there is none."""
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
+        return None
+    path = ckpt_dir / tag / STATE_FILE
+    if not path.is_file():
+        raise ResumeError(f"{path}: missing; this checkpoint was not written by mmkd-ds")
+    return json.loads(path.read_text())
+
+
+def check_resume(state: dict, world_size: int, stream_state: dict, allow_changes: bool) -> None:
+    """Refuse a resume that would silently change what is trained, naming the field.
+
+    World size and batch size change which samples each rank sees and the optimizer's
+    partitioning; another corpus (shard set or fingerprint) changes the data itself.
+    """
+    if allow_changes:
+        return
+    saved_stream = state.get("stream", {})
+    checks = [
+        ("world_size", state.get("world_size"), world_size),
+        ("stream.batch_size", saved_stream.get("batch_size"), stream_state["batch_size"]),
+        ("corpus fingerprint", saved_stream.get("fingerprint"), stream_state["fingerprint"]),
+        ("shard set", saved_stream.get("shards"), stream_state["shards"]),
+        ("stream.seed", saved_stream.get("seed"), stream_state["seed"]),
+    ]
+    for name, saved, now in checks:
+        if saved != now:
+            shown = (saved, now) if name not in ("shard set",) else ("one list", "another")
+            raise ResumeError(
+                f"cannot resume: {name} was {shown[0]!r} at the checkpoint and is {shown[1]!r} now "
+                "(set train.allow_resume_changes=true to continue anyway)"
+            )
 
 
 def latest_tag(ckpt_dir: Path) -> str | None:

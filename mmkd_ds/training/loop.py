@@ -22,6 +22,8 @@ from mmkd_ds.models.mmkd import OBJECTIVES, MMKDModel
 from mmkd_ds.training.batch import MMKDCollator, batch_to_device
 from mmkd_ds.training.checkpoint import (
     changed_settings,
+    check_resume,
+    read_run_state,
     config_fingerprint,
     config_hash,
     latest_tag,
@@ -56,7 +58,7 @@ class TrainResult:
     def line(self) -> str:
         rate = self.samples / self.seconds if self.seconds > 0 else 0.0
         losses = " ".join(f"{k} {v:.4f}" for k, v in self.last_losses.items())
-        end = "preempted, checkpoint saved" if self.preempted else "done"
+        end = "stopped early, checkpoint saved" if self.preempted else "done"
         export = f"; student exported to {self.export_dir}" if self.export_dir else ""
         return (f"distill: {end} at step {self.steps_done} in {self.seconds:.1f} s, {rate:.1f} samples/s, "
                 f"{self.skipped} non-finite steps skipped; last losses: {losses}; checkpoint {self.checkpoint}{export}")
@@ -185,11 +187,12 @@ def train(cfg: RunConfig, ds_config_path: str | None, resume: bool = False) -> T
     # Resume: engine state, RNG, data position; refuse silent changes of what is computed.
     step, skipped_total = 0, 0
     if resume and latest_tag(ckpt_dir):
+        check_resume(read_run_state(ckpt_dir), place.world_size, loader.state_dict(), cfg.train.allow_resume_changes)
         state = load_checkpoint(engine, ckpt_dir, place.rank)
         changed = changed_settings(state["config"], cfg)
         if changed and place.is_main:
             log.warning("resuming with changed settings: %s", ", ".join(changed))
-        loader.load_state_dict(state["stream"], allow_changes=cfg.train.allow_resume_changes)
+        loader.load_state_dict(state["stream"], allow_changes=True)  # checked above
         step, skipped_total = int(state["step"]), int(state.get("skipped", 0))
         if place.is_main:
             tqdm.write(f"resumed from {ckpt_dir / latest_tag(ckpt_dir)} at step {step}")
@@ -216,7 +219,8 @@ def train(cfg: RunConfig, ds_config_path: str | None, resume: bool = False) -> T
     pending: list[tuple[int, dict]] = []  # per-step losses, kept on device until the next log
     bn_buffers = batchnorm_buffers(engine.module)
 
-    while step < cfg.train.steps:
+    last_step = min(cfg.train.steps, cfg.train.stop_at) if cfg.train.stop_at else cfg.train.steps
+    while step < last_step:
         step_start = time.perf_counter()
         wait = 0.0
         sums = {k: torch.zeros((), device=device) for k in (*OBJECTIVES, "total")}
@@ -286,6 +290,12 @@ def train(cfg: RunConfig, ds_config_path: str | None, resume: bool = False) -> T
             preempted = True
             if place.is_main:
                 tqdm.write(f"step {step}: {preemption.signal_name or 'SIGTERM'} received, checkpoint {last_tag} saved")
+            break
+        if step == cfg.train.stop_at and step < cfg.train.steps:
+            last_tag = checkpoint()
+            preempted = True
+            if place.is_main:
+                tqdm.write(f"step {step}: train.stop_at reached, checkpoint {last_tag} saved; continue with --resume")
             break
         if cfg.train.save_every and step % cfg.train.save_every == 0:
             last_tag = checkpoint()

@@ -1,0 +1,251 @@
+"""Distillation end to end: real `deepspeed` launches with 2 CPU ranks (gloo).
+
+ZeRO 2 and 3 train, log, checkpoint, resume to the same per-step losses, and export a student
+that Hugging Face loads; SIGTERM saves and exits 0; non-finite losses are skipped, then abort;
+resuming with another world or batch size, or training against another teacher, is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import psutil
+import pytest
+import torch
+
+from mmkd_ds.config import load_config
+from mmkd_ds.distributed import ProcessPlace
+from mmkd_ds.precompute import run_precompute
+from mmkd_ds.training.metrics import read_metrics
+from shard_factory import TEACHER_NAME, make_shards
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "mmkd_ds" / "data" / "sample"
+OBJECTIVES = ("token", "word", "sentence", "structure")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def take_lines(src: Path, dst: Path, start: int, n: int) -> None:
+    lines = src.read_text(encoding="utf-8").splitlines()[start : start + n]
+    dst.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, teacher_dir, student_tokenizer):
+    """Tiny teacher shards of 48 sample pairs, a tiny student, and a base run config."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    root = tmp_path_factory.mktemp("distill")
+    (root / "corpus").mkdir()
+    for lang in ("de", "sw"):
+        take_lines(SAMPLE / f"train.en-{lang}.tsv", root / "corpus" / f"train.en-{lang}.tsv", 0, 24)
+        take_lines(SAMPLE / f"heldout.en-{lang}.tsv", root / "corpus" / f"heldout.en-{lang}.tsv", 0, 8)
+    student_dir = root / "student-init"
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(student_tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=256, pad_token_id=student_tokenizer.pad_token_id)
+    BertForMaskedLM(config).save_pretrained(student_dir)  # dropout stays on: resume must restore its RNG
+    student_tokenizer.save_pretrained(student_dir)
+
+    base = root / "run.yaml"
+    base.write_text(f"""
+data:
+  sources: [{{path: '{root}/corpus/train.*.tsv'}}]
+  heldout: [{{path: '{root}/corpus/heldout.*.tsv'}}]
+teacher: {{name: '{teacher_dir}'}}
+precompute: {{out_dir: '{root}/shards', shard_size: 12, batch_size: 16, progress: false}}
+stream: {{batch_size: 4, num_workers: 1}}
+student: {{name: '{student_dir}', max_tokens: 96}}
+loss: {{head_hidden: 32, head_out: 16}}
+train: {{steps: 6, warmup_steps: 2, lr: 0.001, log_every: 1, eval_every: 3, save_every: 3}}
+""")
+    run_precompute(load_config(base), ProcessPlace(0, 1, 0))
+    return SimpleNamespace(root=root, config=base, student_dir=student_dir, teacher_dir=teacher_dir)
+
+
+def launch(setup, out_dir: Path, *args: str, stage: int = 2, gpus: int = 2, popen: bool = False):
+    cmd = [
+        "deepspeed", "--num_gpus", str(gpus), "--master_port", str(free_port()),
+        str(REPO / "launchers" / "distill.py"), "--config", str(setup.config),
+        "--deepspeed_config", str(REPO / "ds_configs" / f"zero{stage}.json"),
+        f"--train.out_dir={out_dir}", *args,
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if popen:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def ok(result) -> str:
+    assert result.returncode == 0, result.stdout[-4000:] + "\n--- stderr ---\n" + result.stderr[-4000:]
+    return result.stdout
+
+
+def losses_by_step(out_dir: Path) -> dict[int, dict]:
+    rows = read_metrics(out_dir / "metrics.jsonl")
+    return {r["step"]: {k: r[k] for k in r if k.startswith("loss/")} for r in rows if "loss/total" in r}
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_train_resume_and_export(setup, tmp_path, stage):
+    # One uninterrupted run of 6 steps.
+    full = tmp_path / "full"
+    out = ok(launch(setup, full, stage=stage))
+    assert "distill: done at step 6" in out
+    losses = losses_by_step(full)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    for step, row in losses.items():
+        assert set(row) == {f"loss/{k}" for k in (*OBJECTIVES, "total")}
+        weighted = row["loss/token"] + row["loss/word"] + row["loss/sentence"] + 10 * row["loss/structure"]
+        assert row["loss/total"] == pytest.approx(weighted, rel=1e-5)
+    scalars = [r for r in read_metrics(full / "metrics.jsonl") if "throughput/samples_per_s" in r]
+    assert len(scalars) == 6
+    for r in scalars:
+        assert r["throughput/samples_per_s"] > 0 and r["throughput/tokens_per_s"] > 0
+        assert 0 <= r["time/data_wait_fraction"] <= 1
+        assert r["train/grad_norm"] > 0 and r["memory/rss_gib"] > 0
+    # Warm-up over 2 steps, then linear decay to 0 at step 6.
+    assert [round(r["train/lr"] / 1e-3, 6) for r in scalars] == [1.0, 1.0, 0.75, 0.5, 0.25, 0.0]
+    evals = read_metrics(full / "metrics.jsonl", kind="eval")
+    assert [r["step"] for r in evals] == [0, 3, 6]
+    assert all(0 <= r["eval/retrieval_avg"] <= 1 and "eval/retrieval_sw" in r for r in evals)
+
+    # TensorBoard received the same scalars through the engine's monitor.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((full / "tensorboard").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss/total", "loss/structure", "throughput/tokens_per_s", "time/data_wait_fraction",
+            "eval/retrieval_avg", "train/lr"} <= tags
+    assert [e.value for e in events.Scalars("loss/total")] == pytest.approx([losses[s]["loss/total"] for s in range(1, 7)])
+
+    # The export loads as a masked-LM and as an encoder, and holds trained weights.
+    from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
+
+    mlm = AutoModelForMaskedLM.from_pretrained(full / "student")
+    encoder = AutoModel.from_pretrained(full / "student")
+    tokenizer = AutoTokenizer.from_pretrained(full / "student")
+    initial = AutoModelForMaskedLM.from_pretrained(setup.student_dir)
+    key = "bert.encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(mlm.state_dict()[key], initial.state_dict()[key])
+    assert torch.equal(encoder.state_dict()[key.removeprefix("bert.")], mlm.state_dict()[key])
+    enc = tokenizer("Habari ya asubuhi", return_tensors="pt")
+    assert mlm(**enc).logits.shape[-1] == len(tokenizer)
+
+    # Stopped after 3 steps and resumed: the same per-step losses as the uninterrupted run.
+    split = tmp_path / "split"
+    out = ok(launch(setup, split, "--train.stop_at=3", stage=stage))
+    assert "train.stop_at reached" in out and "stopped early" in out
+    out = ok(launch(setup, split, "--resume", stage=stage))
+    assert "at step 3" in out and "distill: done at step 6" in out
+    resumed = losses_by_step(split)
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    # Bitwise equal in every isolated trial here; once, with another job loading both cores,
+    # ZeRO-3 differed by 2e-6 relative at one step, so fp32 summation-order noise is allowed.
+    # A wrong batch, mask, dropout RNG or optimizer state moves these losses by 1e-2 or more.
+    for step in range(1, 7):
+        for name, value in losses[step].items():
+            assert resumed[step][name] == pytest.approx(value, rel=1e-5, abs=1e-6), (step, name)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """Never leave a training run behind a failed test (it would eat the other tests' CPU)."""
+    if proc.poll() is None:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            child.kill()
+        proc.kill()
+        proc.wait()
+
+
+def test_sigterm_saves_checkpoint_and_exits_zero(setup, tmp_path):
+    out_dir = tmp_path / "preempt"
+    proc = launch(setup, out_dir, "--train.steps=500", "--train.eval_every=0", "--train.save_every=0", popen=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and len(losses_by_step(out_dir)) < 2:
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()
+        # The runner starts deepspeed.launcher.launch, which starts the ranks (with --local_rank).
+        # Their forked data-loader workers share the command line: keep the top-most ones.
+        tagged = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                  if any(a.startswith("--local_rank") for a in p.cmdline())]
+        ranks = [p for p in tagged if p.ppid() not in {t.pid for t in tagged}]
+        assert len(ranks) == 2
+        ranks[0].send_signal(15)  # SIGTERM on one rank: the ranks agree at the next step boundary
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        kill_tree(proc)
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert "SIGTERM received" in stdout and "stopped early" in stdout
+    tag = (out_dir / "checkpoints" / "latest").read_text().strip()
+    step = int(tag.removeprefix("step"))
+    assert step >= 2
+    out = ok(launch(setup, out_dir, "--resume", f"--train.stop_at={step + 1}", "--train.steps=500",
+                    "--train.eval_every=0", "--train.save_every=0"))
+    assert f"at step {step}" in out and f"at step {step + 1}" in out
+
+
+def test_non_finite_losses_are_skipped_then_abort(setup, tmp_path):
+    sick = tmp_path / "sick-shards"
+    make_shards(sick, [10, 10, 10, 10], hidden=8, poison={5, 17})
+    common = [f"--stream.shard_dir={sick}", f"--teacher.name={TEACHER_NAME}", "--train.eval_every=0",
+              "--train.save_every=0", "--train.export=false"]
+    out = ok(launch(setup, tmp_path / "skip", *common))
+    assert "done at step 6" in out
+    skipped = int(out.split("s, ")[-1].split(" non-finite")[0].split()[-1])
+    assert skipped >= 1
+    assert "non-finite loss, micro-batch skipped" in out
+    assert all(v == v for row in losses_by_step(tmp_path / "skip").values() for v in row.values())  # no NaN logged
+
+    dead = tmp_path / "dead-shards"
+    make_shards(dead, [8, 8], hidden=8, poison=set(range(16)))
+    result = launch(setup, tmp_path / "abort", *common[1:], f"--stream.shard_dir={dead}", "--train.max_bad_steps=3")
+    assert result.returncode != 0
+    assert "step 0: 3 non-finite losses in a row" in result.stderr
+
+
+def test_resume_refuses_changed_world_or_batch_size(setup, tmp_path):
+    out_dir = tmp_path / "run"
+    ok(launch(setup, out_dir, "--train.stop_at=2", "--train.eval_every=0", gpus=1))
+    result = launch(setup, out_dir, "--resume", "--train.eval_every=0", gpus=2)
+    assert result.returncode == 2 and "world_size was 1" in result.stderr
+    result = launch(setup, out_dir, "--resume", "--train.eval_every=0", "--stream.batch_size=2", gpus=1)
+    assert result.returncode == 2 and "stream.batch_size was 4" in result.stderr
+
+
+def test_shards_of_another_teacher_configuration_are_refused(setup, tmp_path):
+    result = launch(setup, tmp_path / "run", "--teacher.pooling=first", gpus=1)
+    assert result.returncode == 2
+    assert "teacher.pooling" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "stage, extra",
+    [
+        ("1", []),
+        ("3_offload", []),
+        ("2", ["--train.grad_accum=2"]),
+        ("2", ["--train.teacher_mode=online"]),
+    ],
+    ids=["zero1", "zero3-offload", "grad-accum", "online-teacher"],
+)
+def test_other_configurations_train_and_export(setup, tmp_path, stage, extra):
+    out_dir = tmp_path / "run"
+    out = ok(launch(setup, out_dir, "--train.steps=2", "--train.eval_every=0", *extra, stage=stage))
+    assert "distill: done at step 2" in out
+    losses = losses_by_step(out_dir)
+    assert sorted(losses) == [1, 2] and all(v == v and abs(v) < 1e4 for r in losses.values() for v in r.values())
+    from transformers import AutoModelForMaskedLM
+
+    assert AutoModelForMaskedLM.from_pretrained(out_dir / "student").config.hidden_size == 32
