@@ -1,0 +1,8 @@
+"""Evaluation; same as `mmkd-eval`: python launchers/evaluate.py --task retrieval --model DIR"""
+
+import sys
+
+from mmkd_ds.cli.evaluate import main
+
+if __name__ == "__main__":
+    sys.exit(main())
