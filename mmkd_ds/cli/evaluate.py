@@ -1,10 +1,12 @@
 """`mmkd-eval` / `launchers/evaluate.py`: evaluate an encoder directory.
 
     mmkd-eval --task retrieval --model runs/demo/distill/student [--config run.yaml] [--out DIR]
+              [--baseline runs/demo/student-init]
 
 retrieval: Tatoeba-style nearest-neighbour accuracy of each held-out translation among the
 English sentences and back, per language, on `data.heldout` of the config (default: the
-bundled sample's held-out split). Writes JSON and a markdown table when --out is given.
+bundled sample's held-out split). Writes JSON and a markdown table when --out is given. With
+--baseline, the baseline model is evaluated too and a before/after table is printed.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pooling", choices=("cls", "mean"), default="cls")
     parser.add_argument("--out", help="directory for retrieval.json and retrieval.md")
     parser.add_argument("--label", default="", help="name shown in the summary line")
+    parser.add_argument("--baseline", help="a second model to compare with (e.g. the student before distillation)")
     args, overrides = parser.parse_known_args(argv)
 
     from mmkd_ds.config import ConfigError, load_config
@@ -41,14 +44,44 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     model, tokenizer = load_encoder(args.model)
     result = evaluate_retrieval(model, tokenizer, pairs, pooling=args.pooling)
+    baseline = None
+    if args.baseline:
+        b_model, b_tokenizer = load_encoder(args.baseline)
+        baseline = evaluate_retrieval(b_model, b_tokenizer, pairs, pooling=args.pooling)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "retrieval.json").write_text(result.to_json())
         (out / "retrieval.md").write_text(result.to_markdown())
-    print(result.to_markdown())
+        if baseline is not None:
+            (out / "retrieval_baseline.json").write_text(baseline.to_json())
+    if baseline is None:
+        print(result.to_markdown())
+    else:
+        print(comparison_table(baseline, result))
     print(f"eval {args.label or args.model}: {result.summary()}")
     return 0
+
+
+def comparison_table(before, after) -> str:
+    """Markdown: per language, the mean of both directions before and after, and the change."""
+    lines = ["| language | pairs | before | after | change |", "| --- | ---: | ---: | ---: | ---: |"]
+
+    def both(r: dict) -> float:
+        return 100 * (r["xx2en"] + r["en2xx"]) / 2
+
+    for lang, r in after.per_language.items():
+        b = before.per_language.get(lang)
+        if b is None:
+            continue
+        lines.append(f"| {lang} | {r['pairs']} | {both(b):.1f}% | {both(r):.1f}% | {both(r) - both(b):+.1f} |")
+    lines.append(f"| average | | {100 * before.average:.1f}% | {100 * after.average:.1f}% | {100 * (after.average - before.average):+.1f} |")
+    if after.low_resource_average is not None and before.low_resource_average is not None:
+        lines.append(
+            f"| low-resource | | {100 * before.low_resource_average:.1f}% | {100 * after.low_resource_average:.1f}% "
+            f"| {100 * (after.low_resource_average - before.low_resource_average):+.1f} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
