@@ -246,6 +246,9 @@ class LossConfig:
     # with gradient).
     structure_tau: float = 1.0
     structure_columns: str = "local"
+    # Fused kernels (structure KL, word pooling): "auto" = Triton on CUDA, torch elsewhere;
+    # "triton" or "torch" forces one.
+    kernels: str = "auto"
 
     def validate(self, key: str) -> None:
         for name in ("token_weight", "word_weight", "sentence_weight", "structure_weight"):
@@ -264,6 +267,7 @@ class LossConfig:
             "word_targets": ("masked", "all"),
             "teacher_head": ("frozen", "ema"),
             "structure_columns": ("local", "global"),
+            "kernels": ("auto", "triton", "torch"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -13,8 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from mmkd_ds.config.schema import LossConfig
+from mmkd_ds.kernels.structure_kl import structure_kl
 from mmkd_ds.kernels.word_pool import word_pool
-from mmkd_ds.losses import SentenceHeads, StructureHeads, byol_loss, structure_kl_loss, tlm_loss, word_infonce_loss
+from mmkd_ds.losses import SentenceHeads, StructureHeads, byol_loss, tlm_loss, word_infonce_loss
 
 OBJECTIVES = ("token", "word", "sentence", "structure")
 
@@ -94,7 +95,9 @@ class MMKDModel(nn.Module):
             offset += rows["tlm"]
         if rows["word"]:
             h = hidden[offset : offset + rows["word"]]
-            pooled, _ = word_pool(h, batch["word_ids"], batch["n_words"], self.loss_cfg.word_pooling)
+            pooled, _ = word_pool(
+                h, batch["word_ids"], batch["n_words"], self.loss_cfg.word_pooling, backend=self.loss_cfg.kernels
+            )
             student_words = self.word_map(pooled) if self.word_map is not None else pooled
             losses["word"] = word_infonce_loss(
                 student_words,
@@ -117,7 +120,11 @@ class MMKDModel(nn.Module):
                     u_cols, v_cols = gather_columns(u, with_grad=True), gather_columns(v, with_grad=False)
                 else:
                     u_cols = v_cols = None
-                losses["structure"] = structure_kl_loss(u, v, self.loss_cfg.structure_tau, u_cols, v_cols)
+                # Fused and tiled on CUDA (no N x M matrix); the torch reference elsewhere.
+                losses["structure"] = structure_kl(
+                    u, v, self.loss_cfg.structure_tau, student_cols=u_cols, teacher_cols=v_cols,
+                    backend=self.loss_cfg.kernels,
+                )
         total = sum(self.weights[name] * value for name, value in losses.items())
         losses["total"] = total
         return losses
