@@ -322,13 +322,11 @@ def profile_kernel_time_ms(fn: Callable[[], Any], name_part: str, calls: int, ti
             fn()
         timer.sync()
     total_us, count = 0.0, 0
-    for row in prof.key_averages():
-        if name_part in row.key:
-            t = getattr(row, "device_time_total", None)
-            if t is None:
-                t = getattr(row, "cuda_time_total", 0.0)
-            total_us += float(t)
-            count += int(row.count)
+    for ev in prof.events():
+        # Device-side kernel events only (their time range is the kernel's execution on the GPU).
+        if name_part in ev.name and not str(getattr(ev, "device_type", "CPU")).endswith("CPU"):
+            total_us += float(ev.time_range.elapsed_us())
+            count += 1
     if count == 0:
         return None, f"no CUDA kernel named *{name_part}* in the profile"
     return total_us / count / 1e3, f"{count} launches profiled"
@@ -445,10 +443,10 @@ def derived(cells: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def describe_time(cell: dict[str, Any]) -> str:
+def describe_time(cell: dict[str, Any], unit: str = " ms") -> str:
     if cell.get("status") != "ok":
         return cell.get("status", "not measured")
-    return f"{cell['median_ms']:.3f} ms"
+    return f"{cell['median_ms']:.3f}{unit}"
 
 
 def describe_mem(cell: dict[str, Any]) -> str:
@@ -535,16 +533,17 @@ def tables(result: dict[str, Any]) -> str:
     if sk:
         out.append("## structure_kl (forward + backward)")
         out.append("")
-        out.append("| N | D | impl | time (ms) | peak mem | speedup vs eager | mem vs eager |")
-        out.append("|---:|---:|---|---:|---:|---:|---:|")
+        out.append("| N | D | impl | time (ms) | peak mem | speedup vs eager | mem vs eager | loss rel. diff vs eager |")
+        out.append("|---:|---:|---|---:|---:|---:|---:|---:|")
         for r in sk:
             for impl in IMPLS:
                 if impl not in r["cells"]:
                     continue
                 c = r["cells"][impl]
                 e = r["cells"].get("eager", {})
-                sp = mr = "-"
+                sp = mr = dl = "-"
                 if impl != "eager" and c.get("status") == "ok" and e.get("status") == "ok":
+                    dl = f"{abs(c['value'] - e['value']) / max(abs(e['value']), 1e-30):.1e}"
                     sp = fmt_ratio(e["median_ms"] / c["median_ms"])
                     if c.get("peak_mem_bytes") is not None and e.get("peak_mem_bytes"):
                         mr = fmt_ratio(c["peak_mem_bytes"] / e["peak_mem_bytes"], pct=True)
@@ -552,7 +551,7 @@ def tables(result: dict[str, Any]) -> str:
                         mr = "n/a"
                 elif impl != "eager" and c.get("status") == "ok":
                     sp = mr = f"n/a (eager {e.get('status', 'not measured')})"
-                out.append(f"| {r['N']} | {r['D']} | {impl} | {describe_time(c)} | {describe_mem(c)} | {sp} | {mr} |")
+                out.append(f"| {r['N']} | {r['D']} | {impl} | {describe_time(c, '')} | {describe_mem(c)} | {sp} | {mr} | {dl} |")
         out.append("")
     wp = result.get("word_pool")
     if wp:
@@ -569,8 +568,8 @@ def tables(result: dict[str, Any]) -> str:
             sp = "-"
             if impl != "eager" and c.get("status") == "ok" and e.get("status") == "ok":
                 sp = fmt_ratio(e["median_ms"] / c["median_ms"])
-            gb = f"{fc['gbps_min']:.0f}" if fc.get("gbps_min") is not None else describe_time(fc)
-            out.append(f"| {impl} | {describe_time(c)} | {sp} | {describe_time(fc)} | {gb} | {describe_mem(c)} |")
+            gb = f"{fc['gbps_min']:.1f}" if fc.get("gbps_min") is not None else describe_time(fc)
+            out.append(f"| {impl} | {describe_time(c, '')} | {sp} | {describe_time(fc, '')} | {gb} | {describe_mem(c)} |")
         out.append("")
         tfc = wp["forward_cells"].get("triton", {})
         peak = result["peak_gbps"]
@@ -584,7 +583,8 @@ def tables(result: dict[str, Any]) -> str:
                        f"Device peak: {peak_txt}.")
         out.append(f"GB/s = bytes / median time, bytes = {wp['forward_bytes_min'] / 1e6:.1f} MB "
                    f"({wp['bytes_formula']}; full: {wp['forward_bytes_full'] / 1e6:.1f} MB). "
-                   "The fwd column times the public call (input validation, which syncs, included).")
+                   "The fwd column times the public call (input validation, which syncs, included); "
+                   "torch.compile of word_pool_reference graph-breaks at that validation (int(word_ids.max())).")
         out.append("")
     out.append("## Targets (from the issue; targets, not results)")
     out.append("")
@@ -619,11 +619,11 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=None, help="max timed repeats (default 50; smoke 10)")
     p.add_argument("--min-reps", type=int, default=3)
     p.add_argument("--cell-budget-s", type=float, default=None,
-                   help="stop repeating a cell after this many seconds, min-reps done (default 10; smoke 2)")
+                   help="stop repeating a cell after this many seconds, min-reps done (default 5; smoke 2)")
     p.add_argument("--peak-gbps", type=float, default=None,
                    help="device peak memory bandwidth in GB/s (default: known for H100 SXM 3350, H200 4800)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
+    p.add_argument("--out", type=str, default=str(Path(__file__).resolve().parent / "results"),
                    help="where kernels-<device>.json/.md go (default benchmarks/results); '' to write nothing")
     args = p.parse_args(argv)
     smoke = args.cpu_smoke
@@ -632,7 +632,7 @@ def parse_args(argv=None):
     args.wp_shape = tuple(args.wp_shape or ((8, 128, 768) if smoke else (256, 128, 768)))
     args.warmup = args.warmup if args.warmup is not None else (2 if smoke else 5)
     args.reps = args.reps if args.reps is not None else (10 if smoke else 50)
-    args.cell_budget_s = args.cell_budget_s if args.cell_budget_s is not None else (2.0 if smoke else 10.0)
+    args.cell_budget_s = args.cell_budget_s if args.cell_budget_s is not None else (2.0 if smoke else 5.0)
     return args
 
 
@@ -698,7 +698,10 @@ def main(argv=None) -> int:
     log(f"device: {name}; mode: {'cpu-smoke' if args.cpu_smoke else 'full'}")
     sk_rows = bench_structure_kl(args, device, timer, run_triton, log) if "structure_kl" in args.ops else []
     wp = bench_word_pool(args, device, timer, run_triton, log) if "word_pool" in args.ops else None
-    peak = resolve_peak(name if device.type == "cuda" else "", args.peak_gbps if device.type == "cuda" else None)
+    if device.type == "cuda":
+        peak = resolve_peak(name, args.peak_gbps)
+    else:
+        peak = {"value": None, "source": "n/a on CPU"}
 
     result = {
         "mode": "cpu-smoke" if args.cpu_smoke else "full",
@@ -727,9 +730,10 @@ def main(argv=None) -> int:
     print(md)
 
     written = []
-    if str(args.out):
-        args.out.mkdir(parents=True, exist_ok=True)
-        base = args.out / f"kernels-{dev['slug']}"
+    if args.out:
+        out_dir = Path(args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        base = out_dir / f"kernels-{dev['slug']}"
         write_atomic(base.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
         write_atomic(base.with_suffix(".md"), md + "\n")
         written = [str(base.with_suffix(".json")), str(base.with_suffix(".md"))]
