@@ -573,7 +573,12 @@ def tables(result: dict[str, Any]) -> str:
         out.append("")
         tfc = wp["forward_cells"].get("triton", {})
         peak = result["peak_gbps"]
-        peak_txt = f"{peak['value']:.0f} GB/s ({peak['source']})" if peak["value"] else f"unknown ({peak['source']})"
+        if peak["value"]:
+            peak_txt = f"{peak['value']:.0f} GB/s ({peak['source']})"
+        elif dev["type"] == "cuda":
+            peak_txt = f"unknown ({peak['source']})"
+        else:
+            peak_txt = "n/a on CPU"
         if tfc.get("kernel_ms"):
             frac = f", {100 * tfc['kernel_gbps_min'] / peak['value']:.1f}% of peak" if peak["value"] else ""
             out.append(f"Triton forward kernel alone (torch.profiler): {tfc['kernel_ms'] * 1e3:.1f} us, "
