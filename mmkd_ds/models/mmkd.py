@@ -13,9 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from mmkd_ds.config.schema import LossConfig
-from mmkd_ds.kernels.structure_kl import structure_kl
 from mmkd_ds.kernels.word_pool import word_pool
-from mmkd_ds.losses import SentenceHeads, StructureHeads, byol_loss, tlm_loss, word_infonce_loss
+from mmkd_ds.losses import SentenceHeads, StructureHeads, byol_loss, structure_kl_loss, tlm_loss, word_infonce_loss
 
 OBJECTIVES = ("token", "word", "sentence", "structure")
 
@@ -121,9 +120,8 @@ class MMKDModel(nn.Module):
                 else:
                     u_cols = v_cols = None
                 # Fused and tiled on CUDA (no N x M matrix); the torch reference elsewhere.
-                losses["structure"] = structure_kl(
-                    u, v, self.loss_cfg.structure_tau, student_cols=u_cols, teacher_cols=v_cols,
-                    backend=self.loss_cfg.kernels,
+                losses["structure"] = structure_kl_loss(
+                    u, v, self.loss_cfg.structure_tau, u_cols, v_cols, backend=self.loss_cfg.kernels
                 )
         total = sum(self.weights[name] * value for name, value in losses.items())
         losses["total"] = total
