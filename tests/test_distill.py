@@ -81,9 +81,15 @@ def launch(setup, out_dir: Path, *args: str, stage: int = 2, gpus: int = 2, pope
         f"--train.out_dir={out_dir}", *args,
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if popen:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        return proc
+    try:
+        stdout, stderr = proc.communicate(timeout=400)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc)  # the ranks are grandchildren: never leave them behind
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def ok(result) -> str:
@@ -249,3 +255,20 @@ def test_other_configurations_train_and_export(setup, tmp_path, stage, extra):
     from transformers import AutoModelForMaskedLM
 
     assert AutoModelForMaskedLM.from_pretrained(out_dir / "student").config.hidden_size == 32
+
+
+@pytest.mark.parametrize("stage", ["2", "3"])
+def test_ema_teacher_head_moves_under_zero(setup, tmp_path, stage):
+    """teacher_head=ema must really update g_T, also when ZeRO-3 partitions the heads."""
+    from mmkd_ds.losses.sentence import SENTENCE_SEED_SALT, frozen_head
+    from mmkd_ds.training.export import consolidated_state_dict
+
+    out_dir = tmp_path / "ema"
+    ok(launch(setup, out_dir, "--train.steps=2", "--train.eval_every=0", "--train.export=false",
+              "--loss.teacher_head=ema", "--loss.ema_decay=0.5", stage=stage))
+    state = consolidated_state_dict(out_dir / "checkpoints", "step00000002")
+    init = frozen_head(32, 32, 16, 0, SENTENCE_SEED_SALT).state_dict()
+    trained_key = next(k for k in state if k.startswith("sentence_heads.g_T.") and k.endswith("weight") and state[k].dim() == 2)
+    name = trained_key.removeprefix("sentence_heads.g_T.")
+    assert state[trained_key].shape == init[name].shape
+    assert not torch.allclose(state[trained_key], init[name])  # pulled toward g

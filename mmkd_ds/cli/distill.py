@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import traceback
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,16 +42,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = train(cfg, args.deepspeed_config, resume=args.resume)
     except (ManifestError, ShardError, ResumeError, FileNotFoundError) as exc:
-        print(f"distill: {exc}", file=sys.stderr)
-        return 2
+        abort(f"distill: {exc}", 2)
     except NonFiniteLossError as exc:
-        print(f"distill: {exc}", file=sys.stderr)
-        return 3
+        abort(f"distill: {exc}", 3)
+    except BaseException:  # noqa: BLE001 - any other failure of one rank must end the job
+        abort(f"distill: rank {os.environ.get('RANK', '0')} failed:\n{traceback.format_exc()}", 1)
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(result.line(), flush=True)
     return 0
+
+
+def abort(message: str, code: int) -> None:
+    """Print and leave at once, skipping interpreter and process-group teardown.
+
+    The other ranks may be blocked in a collective this rank will never join; a prompt exit
+    lets the launcher see the failure and stop the whole job instead of hanging.
+    """
+    print(message, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 
+import torch
 from torch import Tensor, nn
 
 from .sentence import STRUCTURE_SEED_SALT, ProjectionMLP, frozen_head

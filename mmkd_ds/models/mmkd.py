@@ -128,6 +128,20 @@ class MMKDModel(nn.Module):
         return losses
 
     def after_step(self) -> None:
-        """Per optimizer step upkeep (the EMA teacher head, when chosen)."""
-        if self.sentence_heads is not None:
-            self.sentence_heads.update_ema()
+        """Per optimizer step upkeep: the EMA teacher head, when chosen.
+
+        Under ZeRO-3 the heads' parameters are partitioned (empty on each rank), so they are
+        gathered around the update, which rank 0 makes and DeepSpeed re-partitions; every rank
+        must call this (it is collective then).
+        """
+        heads = self.sentence_heads
+        if heads is None or heads.teacher_head != "ema":
+            return
+        params = [*heads.g.parameters(), *heads.g_T.parameters()]
+        if any(hasattr(p, "ds_id") for p in params):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+                heads.update_ema()
+        else:
+            heads.update_ema()
