@@ -2,6 +2,13 @@
 
     mmkd-eval --task retrieval --model runs/demo/distill/student [--config run.yaml] [--out DIR]
               [--baseline runs/demo/student-init]
+    mmkd-eval --task xnli --model DIR --languages en,de,sw,ur [--data-dir DIR] [--out DIR]
+    mmkd-eval --task pawsx|xquad --model DIR --languages en,de,... [--epochs 2 --lr 2e-5 ...]
+
+xnli / pawsx / xquad: zero-shot cross-lingual transfer. The model is fine-tuned on the English
+training data (XNLI / PAWS-X English train, SQuAD v1.1) and tested on every listed language;
+data from the Hugging Face hub, or from --data-dir in the same schema (see
+mmkd_ds/evaluation/classification.py and qa.py for the layout).
 
 retrieval: Tatoeba-style nearest-neighbour accuracy of each held-out translation among the
 English sentences and back, per language, on `data.heldout` of the config (default: the
@@ -15,7 +22,7 @@ import argparse
 import sys
 from pathlib import Path
 
-TASKS = ("retrieval",)
+TASKS = ("retrieval", "xnli", "pawsx", "xquad")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +34,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="directory for retrieval.json and retrieval.md")
     parser.add_argument("--label", default="", help="name shown in the summary line")
     parser.add_argument("--baseline", help="a second model to compare with (e.g. the student before distillation)")
+    transfer = parser.add_argument_group("xnli / pawsx / xquad")
+    transfer.add_argument("--languages", default="", help="comma-separated test languages (English included)")
+    transfer.add_argument("--data-dir", help="local data in the hub schema, for offline clusters")
+    transfer.add_argument("--epochs", type=int, default=2)
+    transfer.add_argument("--lr", type=float, default=None, help="default 2e-5 (classification), 3e-5 (QA)")
+    transfer.add_argument("--batch-size", type=int, default=None, help="default 32 (classification), 16 (QA)")
+    transfer.add_argument("--seed", type=int, default=42)
+    transfer.add_argument("--max-train-examples", type=int, default=None)
+    transfer.add_argument("--max-eval-examples", type=int, default=None)
     args, overrides = parser.parse_known_args(argv)
+    if args.task != "retrieval":
+        return run_transfer(args)
 
     from mmkd_ds.config import ConfigError, load_config
     from mmkd_ds.data.corpus import CorpusError, build_heldout
@@ -60,6 +78,39 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(comparison_table(baseline, result))
     print(f"eval {args.label or args.model}: {result.summary()}")
+    return 0
+
+
+def run_transfer(args) -> int:
+    """Fine-tune on English, test on every language; print and write the per-language table."""
+    languages = [lang.strip() for lang in args.languages.split(",") if lang.strip()]
+    if not languages:
+        print("mmkd-eval: --languages is required for this task (e.g. en,de,sw,ur)", file=sys.stderr)
+        return 2
+    kwargs = {"epochs": args.epochs, "seed": args.seed, "max_train_examples": args.max_train_examples,
+              "max_eval_examples": args.max_eval_examples}
+    if args.lr is not None:
+        kwargs["lr"] = args.lr
+    if args.batch_size is not None:
+        kwargs["batch_size"] = args.batch_size
+    try:
+        if args.task == "xquad":
+            from mmkd_ds.evaluation.qa import finetune_and_evaluate_qa
+
+            result = finetune_and_evaluate_qa(args.model, languages, args.data_dir, **kwargs)
+        else:
+            from mmkd_ds.evaluation.classification import finetune_and_evaluate
+
+            result = finetune_and_evaluate(args.task, args.model, languages, args.data_dir, **kwargs)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        print(f"mmkd-eval: {exc}", file=sys.stderr)
+        return 2
+    if args.out:
+        result.write(args.out)
+    print(result.to_markdown())
+    low = result.low_resource_average
+    print(f"eval {args.task} {args.label or args.model}: average {result.main_metric} {100 * result.average:.1f}"
+          + (f", low-resource {100 * low:.1f}" if low is not None else ""))
     return 0
 
 
