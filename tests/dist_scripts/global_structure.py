@@ -4,6 +4,7 @@ Each rank holds its slice of a batch, computes the structure loss with its rows 
 columns gathered from all ranks (with gradient), backpropagates, and saves loss and gradient.
 """
 
+import os
 import sys
 
 import torch
@@ -25,4 +26,8 @@ loss = structure_kl(u, v, tau, student_cols=gather_columns(u, with_grad=True),
                     teacher_cols=gather_columns(v, with_grad=False), backend=backend)
 (loss * 1.7).backward()
 torch.save({"loss": loss.detach(), "grad": u.grad}, f"{out}/rank{rank}.pt")
-dist.destroy_process_group()
+# Both ranks are done with every collective; leave without gloo's teardown, which can abort
+# ("terminate called without an active exception") when the ranks exit at different moments.
+dist.barrier()
+sys.stdout.flush()
+os._exit(0)
