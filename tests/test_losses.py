@@ -21,7 +21,7 @@ from mmkd_ds.losses import (
 LOW_PRECISION = [torch.float16, torch.bfloat16]
 
 
-def _is_graph_zero(loss: torch.Tensor, leaf: torch.Tensor) -> None:
+def assert_graph_zero(loss: torch.Tensor, leaf: torch.Tensor) -> None:
     """A 0-dim fp32 zero that backward() accepts and that gives the leaf a (zero) gradient."""
     assert loss.dim() == 0 and loss.dtype == torch.float32
     assert loss.item() == 0.0
@@ -65,9 +65,9 @@ def test_tlm_matches_loop(m, v):
 
 def test_tlm_empty_and_all_ignored_are_graph_zeros():
     logits = torch.empty(0, 11, requires_grad=True)
-    _is_graph_zero(tlm_loss(logits, torch.empty(0, dtype=torch.long)), logits)
+    assert_graph_zero(tlm_loss(logits, torch.empty(0, dtype=torch.long)), logits)
     logits = torch.randn(3, 11, requires_grad=True)
-    _is_graph_zero(tlm_loss(logits, torch.full((3,), -100)), logits)
+    assert_graph_zero(tlm_loss(logits, torch.full((3,), -100)), logits)
 
 
 def test_tlm_gradient_is_softmax_minus_onehot():
@@ -198,15 +198,15 @@ def test_word_single_word_sentence_is_zero():
     assert torch.isfinite(student.grad).all()
 
 
-def test_word_no_target_is_graph_zero():
+def test_word_no_targetassert_graph_zero():
     student = torch.randn(2, 4, 3, requires_grad=True)
     teacher = torch.randn(2, 4, 3)
     valid = torch.ones(2, 4, dtype=torch.bool)
-    _is_graph_zero(word_infonce_loss(student, teacher, valid, torch.zeros_like(valid)), student)
+    assert_graph_zero(word_infonce_loss(student, teacher, valid, torch.zeros_like(valid)), student)
     student.grad = None
     # every word padding (e.g. an empty batch slot) -> also 0, no NaN
     none = torch.zeros_like(valid)
-    _is_graph_zero(word_infonce_loss(student, teacher, none, torch.ones_like(valid)), student)
+    assert_graph_zero(word_infonce_loss(student, teacher, none, torch.ones_like(valid)), student)
 
 
 def test_word_all_padding_sentence_does_not_poison_batch():
@@ -294,9 +294,9 @@ def test_byol_gradients_student_only_and_zero_vector_safe():
     assert torch.isfinite(z0.grad).all()
 
 
-def test_byol_empty_is_graph_zero():
+def test_byol_emptyassert_graph_zero():
     z = torch.empty(0, 8, requires_grad=True)
-    _is_graph_zero(byol_loss(z, torch.empty(0, 8)), z)
+    assert_graph_zero(byol_loss(z, torch.empty(0, 8)), z)
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
@@ -474,9 +474,9 @@ def test_structure_batch_of_one_is_zero_and_backward_works():
     assert torch.isfinite(s.grad).all()
 
 
-def test_structure_empty_is_graph_zero():
+def test_structure_emptyassert_graph_zero():
     s = torch.empty(0, 4, requires_grad=True)
-    _is_graph_zero(structure_kl_loss(s, torch.empty(0, 4)), s)
+    assert_graph_zero(structure_kl_loss(s, torch.empty(0, 4)), s)
 
 
 def test_structure_identical_geometry_is_zero():
