@@ -272,3 +272,46 @@ def test_ema_teacher_head_moves_under_zero(setup, tmp_path, stage):
     name = trained_key.removeprefix("sentence_heads.g_T.")
     assert state[trained_key].shape == init[name].shape
     assert not torch.allclose(state[trained_key], init[name])  # pulled toward g
+
+
+def test_two_nodes_on_one_machine_match_one_node(setup, tmp_path):
+    """Two launcher invocations (node ranks 0 and 1, one rank each, no SSH) train together and
+    give the per-step losses of one node with 2 ranks; the nodes read disjoint samples."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    port = str(free_port())
+    two = tmp_path / "two-nodes"
+    common = ["--train.steps=4", "--train.eval_every=0", "--train.export=false"]
+    procs = []
+    for node in (0, 1):
+        cmd = ["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--num_nodes", "2", "--node_rank", str(node),
+               "--master_addr", "127.0.0.1", "--master_port", port, "--num_gpus", "1",
+               str(REPO / "launchers" / "distill.py"), "--config", str(setup.config),
+               "--deepspeed_config", str(REPO / "ds_configs" / "zero2.json"), f"--train.out_dir={two}", *common]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        outputs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            kill_tree(p)
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, out[-2000:] + err[-2000:]
+    one = tmp_path / "one-node"
+    ok(launch(setup, one, *common))
+    a, b = losses_by_step(two), losses_by_step(one)
+    assert sorted(a) == [1, 2, 3, 4]
+    for step in a:
+        for name, value in b[step].items():
+            assert a[step][name] == pytest.approx(value, rel=1e-6, abs=1e-7), (step, name)
+
+    # What each node read in the first epoch: disjoint samples covering the corpus.
+    from mmkd_ds.shards.manifest import read_manifest
+    from mmkd_ds.shards.plan import EpochPlan, PlanShard
+
+    manifest = read_manifest(setup.root / "shards")
+    shards = [PlanShard(s.name, s.samples, s.first_index) for s in manifest.shards]
+    reads = []
+    for rank in (0, 1):
+        plan = EpochPlan(shards, seed=1234, epoch=0, world_size=2, rank=rank, batch_size=4)
+        reads.append({i for j in range(plan.num_batches) for _, i in plan.batch(j)})
+    assert not reads[0] & reads[1] and len(reads[0] | reads[1]) == manifest.total_samples
