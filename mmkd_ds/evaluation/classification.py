@@ -53,6 +53,7 @@ from pathlib import Path
 import torch
 
 from mmkd_ds.evaluation.report import LOW_RESOURCE, TaskResult
+from mmkd_ds.teacher import resolve_model_path
 
 
 @dataclass(frozen=True)
@@ -225,13 +226,7 @@ def load_split(
 def _load_classifier(model_path: str, num_labels: int):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    path = str(model_path)
-    try:
-        from mmkd_ds.teacher import resolve_model_path
-    except ImportError:  # the teacher module's optional dependencies are not needed here
-        pass
-    else:
-        path = resolve_model_path(path)
+    path = resolve_model_path(str(model_path))  # packaged names -> their directory
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
     return model, tokenizer

@@ -54,6 +54,7 @@ from pathlib import Path
 import torch
 
 from mmkd_ds.evaluation.report import LOW_RESOURCE, TaskResult
+from mmkd_ds.teacher import resolve_model_path
 from mmkd_ds.evaluation.squad_metrics import squad_scores
 
 logger = logging.getLogger(__name__)
@@ -394,13 +395,7 @@ def finetune_and_evaluate_qa(
     if max_eval_examples is not None:
         evals = {lang: (rows[:max_eval_examples], src) for lang, (rows, src) in evals.items()}
 
-    path = str(model_path)
-    try:
-        from mmkd_ds.teacher import resolve_model_path
-    except ImportError:  # the teacher module's optional dependencies are not needed here
-        pass
-    else:
-        path = resolve_model_path(path)
+    path = resolve_model_path(str(model_path))  # packaged names -> their directory
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
 

@@ -16,12 +16,13 @@ its first occurrence.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
 from mmkd_ds.data.pairs import Pair
+from mmkd_ds.teacher import resolve_model_path
 
 POOLINGS = ("cls", "mean")
 
@@ -261,13 +262,7 @@ def load_encoder(path_or_name: str):
     """
     from transformers import AutoModel, AutoTokenizer
 
-    path = str(path_or_name)
-    try:
-        from mmkd_ds.teacher import resolve_model_path
-    except ImportError:  # the teacher module's optional dependencies are not needed here
-        pass
-    else:
-        path = resolve_model_path(path)
+    path = resolve_model_path(str(path_or_name))  # packaged names -> their directory
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path)
     model.eval()

@@ -6,7 +6,6 @@ them. The public reference scored every position; that is the bug this module do
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

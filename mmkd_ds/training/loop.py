@@ -215,6 +215,7 @@ def train(cfg: RunConfig, ds_config_path: str | None, resume: bool = False) -> T
     bar = tqdm(total=cfg.train.steps, initial=step, unit="step", desc="distill", disable=not place.is_main)
     started = time.perf_counter()
     samples_done, bad_in_a_row, preempted, last_tag = 0, 0, False, None
+    last_losses: dict[str, float] = {}
     window = {"time": 0.0, "wait": 0.0, "samples": 0, "tokens": 0, "steps": 0}
     pending: list[tuple[int, dict]] = []  # per-step losses, kept on device until the next log
     bn_buffers = batchnorm_buffers(engine.module)
@@ -268,7 +269,7 @@ def train(cfg: RunConfig, ds_config_path: str | None, resume: bool = False) -> T
             samples_done += int(samples)
             for s, values in pending:  # one host sync per log interval, not per step
                 metrics.write(s, {f"loss/{k}": float(v) for k, v in values.items()})
-            last = {k: float(v) for k, v in pending[-1][1].items()}
+            last_losses = {k: float(v) for k, v in pending[-1][1].items()}
             grad_norm = engine.get_global_grad_norm()
             scalars = {
                 "train/lr": engine.get_lr()[0],
@@ -280,7 +281,7 @@ def train(cfg: RunConfig, ds_config_path: str | None, resume: bool = False) -> T
                 **memory_scalars(device),
             }
             metrics.write(step, scalars)
-            bar.set_postfix(loss=f"{last['total']:.3f}", sps=f"{scalars['throughput/samples_per_s']:.1f}")
+            bar.set_postfix(loss=f"{last_losses['total']:.3f}", sps=f"{scalars['throughput/samples_per_s']:.1f}")
             pending.clear()
             window = {"time": 0.0, "wait": 0.0, "samples": 0, "tokens": 0, "steps": 0}
         if heldout and cfg.train.eval_every and step % cfg.train.eval_every == 0:
@@ -311,13 +312,5 @@ def train(cfg: RunConfig, ds_config_path: str | None, resume: bool = False) -> T
 
             export_dir = export_student(ckpt_dir, last_tag, cfg.student.name, tokenizer, out_dir / "student")
         torch.distributed.barrier()
-    last_losses = {}
-    rows = [r for r in (metrics.path.read_text().splitlines() if place.is_main and metrics.path.exists() else [])]
-    if rows:
-        import json
-
-        tail = [json.loads(r) for r in rows if '"loss/total"' in r]
-        if tail:
-            last_losses = {k[5:]: v for k, v in tail[-1].items() if k.startswith("loss/")}
     return TrainResult(step, time.perf_counter() - started, samples_done, skipped_total, preempted,
                        last_losses, last_tag, export_dir)
