@@ -28,3 +28,24 @@ def process_place() -> ProcessPlace:
     if not 0 <= rank < world:
         raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world}")
     return ProcessPlace(rank, world, local)
+
+
+def release_shm_buffers(place: ProcessPlace | None = None) -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffer from /dev/shm.
+
+    DeepSpeed's shared-memory all-reduce (CPU ranks on one node) creates a ~66 MB file per rank
+    named after the master address and port and never removes it; /dev/shm is RAM, so every
+    run would leak memory until the machine's OOM killer steps in. Call at exit, after the last
+    collective: an open mapping survives the unlink, and each rank removes only its own file.
+    """
+    import glob
+
+    place = place or process_place()
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not addr or not port:
+        return
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{addr}_{port}_{place.local_rank}"):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass

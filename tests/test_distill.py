@@ -73,9 +73,21 @@ train: {{steps: 6, warmup_steps: 2, lr: 0.001, log_every: 1, eval_every: 3, save
     return SimpleNamespace(root=root, config=base, student_dir=student_dir, teacher_dir=teacher_dir)
 
 
+def release_shm(port: int) -> list[str]:
+    """Remove DeepSpeed's /dev/shm all-reduce buffers of a launch on ``port`` (a killed run
+    cannot); returns what was left behind."""
+    import glob
+
+    left = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*")
+    for path in left:
+        os.unlink(path)
+    return left
+
+
 def launch(setup, out_dir: Path, *args: str, stage: int = 2, gpus: int = 2, popen: bool = False):
+    port = free_port()
     cmd = [
-        "deepspeed", "--num_gpus", str(gpus), "--master_port", str(free_port()),
+        "deepspeed", "--num_gpus", str(gpus), "--master_port", str(port),
         str(REPO / "launchers" / "distill.py"), "--config", str(setup.config),
         "--deepspeed_config", str(REPO / "ds_configs" / f"zero{stage}.json"),
         f"--train.out_dir={out_dir}", *args,
@@ -88,7 +100,11 @@ def launch(setup, out_dir: Path, *args: str, stage: int = 2, gpus: int = 2, pope
         stdout, stderr = proc.communicate(timeout=400)
     except subprocess.TimeoutExpired:
         kill_tree(proc)  # the ranks are grandchildren: never leave them behind
+        release_shm(port)
         raise
+    left = release_shm(port)
+    if proc.returncode == 0:
+        assert not left, f"ranks left their shared-memory buffers behind: {left}"
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 

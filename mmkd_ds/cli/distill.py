@@ -49,8 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         abort(f"distill: rank {os.environ.get('RANK', '0')} failed:\n{traceback.format_exc()}", 1)
     import torch.distributed as dist
 
+    from mmkd_ds.distributed import release_shm_buffers
+
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(result.line(), flush=True)
+    release_shm_buffers()
     return 0
 
 
@@ -60,8 +63,11 @@ def abort(message: str, code: int) -> None:
     The other ranks may be blocked in a collective this rank will never join; a prompt exit
     lets the launcher see the failure and stop the whole job instead of hanging.
     """
+    from mmkd_ds.distributed import release_shm_buffers
+
     print(message, file=sys.stderr, flush=True)
     sys.stdout.flush()
+    release_shm_buffers()
     os._exit(code)
 
 
