@@ -7,6 +7,7 @@ LOCAL_RANK; a plain `python` run is rank 0 of 1.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 
@@ -30,6 +31,24 @@ def process_place() -> ProcessPlace:
     return ProcessPlace(rank, world, local)
 
 
+def init_distributed():
+    """Join the job's process group (NCCL on GPUs, gloo on CPU); ``(place, device)`` of this rank.
+
+    Works for a single plain ``python`` process too (a world of one). Returns a
+    ``torch.device``: ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU.
+    """
+    import deepspeed
+    import torch
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+    place = process_place()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(place.local_rank)
+        return place, torch.device("cuda", place.local_rank)
+    return place, torch.device("cpu")
+
+
 def release_shm_buffers(place: ProcessPlace | None = None) -> None:
     """Unlink this rank's DeepSpeed CPU all-reduce buffer from /dev/shm.
 
@@ -49,3 +68,15 @@ def release_shm_buffers(place: ProcessPlace | None = None) -> None:
             os.unlink(path)
         except OSError:
             pass
+
+
+def abort(message: str, code: int) -> None:
+    """Print and leave at once, skipping interpreter and process-group teardown.
+
+    The other ranks may be blocked in a collective this rank will never join; a prompt exit
+    lets the launcher see the failure and stop the whole job instead of hanging.
+    """
+    print(message, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    release_shm_buffers()
+    os._exit(code)

@@ -250,7 +250,8 @@ def test_finetune_and_evaluate_complete_result(model_dir, data_dir, tmp_path):
     assert (s["seed"], s["epochs"], s["lr"], s["batch_size"], s["max_length"], s["doc_stride"]) == (0, 2, 1e-3, 4, MAX_LEN, STRIDE)
     assert s["train_examples"] == 12 and s["train_features"] == 13  # the long context gives 2 windows
     assert s["train_steps"] == 2 * math.ceil(13 / 4)
-    assert math.isfinite(s["final_train_loss"])
+    assert len(s["epoch_losses"]) == 2 and all(math.isfinite(x) for x in s["epoch_losses"])
+    assert (s["world_size"], s["backend"], s["precision"]) == (1, "torch", "fp32")
     assert s["train_data"].endswith("train.jsonl") and set(s["eval_data"]) == {"de", "fr"}
     result.write(tmp_path)
     assert json.loads((tmp_path / "xquad.json").read_text())["scores"] == result.scores
@@ -260,9 +261,9 @@ def test_same_seed_same_scores(model_dir, data_dir):
     a = _run(model_dir, data_dir, seed=3)
     b = _run(model_dir, data_dir, seed=3)
     assert a.scores == b.scores
-    assert a.settings["final_train_loss"] == b.settings["final_train_loss"]
+    assert a.settings["epoch_losses"] == b.settings["epoch_losses"]
     c = _run(model_dir, data_dir, seed=4)  # the seed is used: head init and shuffling change
-    assert c.settings["final_train_loss"] != a.settings["final_train_loss"]
+    assert c.settings["epoch_losses"] != a.settings["epoch_losses"]
 
 
 def test_finetune_reports_missing_language_before_training(model_dir, data_dir, monkeypatch):

@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distill: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from mmkd_ds.distributed import abort, release_shm_buffers
     from mmkd_ds.shards.manifest import ManifestError
     from mmkd_ds.shards.reader import ShardError
     from mmkd_ds.training.checkpoint import ResumeError
@@ -49,26 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         abort(f"distill: rank {os.environ.get('RANK', '0')} failed:\n{traceback.format_exc()}", 1)
     import torch.distributed as dist
 
-    from mmkd_ds.distributed import release_shm_buffers
-
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(result.line(), flush=True)
     release_shm_buffers()
     return 0
-
-
-def abort(message: str, code: int) -> None:
-    """Print and leave at once, skipping interpreter and process-group teardown.
-
-    The other ranks may be blocked in a collective this rank will never join; a prompt exit
-    lets the launcher see the failure and stop the whole job instead of hanging.
-    """
-    from mmkd_ds.distributed import release_shm_buffers
-
-    print(message, file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    release_shm_buffers()
-    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -4,11 +4,16 @@
               [--baseline runs/demo/student-init]
     mmkd-eval --task xnli --model DIR --languages en,de,sw,ur [--data-dir DIR] [--out DIR]
     mmkd-eval --task pawsx|xquad --model DIR --languages en,de,... [--epochs 2 --lr 2e-5 ...]
+    deepspeed --num_gpus 8 launchers/evaluate.py --task xnli --model DIR --languages ... \
+        --deepspeed_config ds_configs/zero2.json          # data-parallel fine-tuning
 
 xnli / pawsx / xquad: zero-shot cross-lingual transfer. The model is fine-tuned on the English
 training data (XNLI / PAWS-X English train, SQuAD v1.1) and tested on every listed language;
 data from the Hugging Face hub, or from --data-dir in the same schema (see
-mmkd_ds/evaluation/classification.py and qa.py for the layout).
+mmkd_ds/evaluation/classification.py and qa.py for the layout). One process trains with plain
+torch; under the `deepspeed` launcher (or with --deepspeed_config) the ranks fine-tune
+data-parallel through DeepSpeed with the same global batch (mmkd_ds/evaluation/finetune.py),
+and rank 0 prints and writes the results.
 
 retrieval: Tatoeba-style nearest-neighbour accuracy of each held-out translation among the
 English sentences and back, per language, on `data.heldout` of the config (default: the
@@ -19,7 +24,9 @@ bundled sample's held-out split). Writes JSON and a markdown table when --out is
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from pathlib import Path
 
 TASKS = ("retrieval", "xnli", "pawsx", "xquad")
@@ -41,8 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     transfer.add_argument("--lr", type=float, default=None, help="default 2e-5 (classification), 3e-5 (QA)")
     transfer.add_argument("--batch-size", type=int, default=None, help="default 32 (classification), 16 (QA)")
     transfer.add_argument("--seed", type=int, default=42)
+    transfer.add_argument("--max-length", type=int, default=None, help="tokens per input; default 128 (classification), 256 (QA)")
+    transfer.add_argument("--doc-stride", type=int, default=None, help="QA: tokens shared by consecutive context windows (default 64)")
     transfer.add_argument("--max-train-examples", type=int, default=None)
     transfer.add_argument("--max-eval-examples", type=int, default=None)
+    transfer.add_argument("--deepspeed_config", help="DeepSpeed JSON (ZeRO stage); implied by a multi-rank launch")
+    transfer.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
     args, overrides = parser.parse_known_args(argv)
     if args.task != "retrieval":
         return run_transfer(args)
@@ -93,6 +104,15 @@ def run_transfer(args) -> int:
         kwargs["lr"] = args.lr
     if args.batch_size is not None:
         kwargs["batch_size"] = args.batch_size
+    if args.max_length is not None:
+        kwargs["max_length"] = args.max_length
+    if args.doc_stride is not None:
+        if args.task != "xquad":
+            print("mmkd-eval: --doc-stride applies to --task xquad only", file=sys.stderr)
+            return 2
+        kwargs["doc_stride"] = args.doc_stride
+    if args.deepspeed_config is not None:
+        kwargs["deepspeed_config"] = args.deepspeed_config
     try:
         if args.task == "xquad":
             from mmkd_ds.evaluation.qa import finetune_and_evaluate_qa
@@ -103,8 +123,18 @@ def run_transfer(args) -> int:
 
             result = finetune_and_evaluate(args.task, args.model, languages, args.data_dir, **kwargs)
     except (ValueError, FileNotFoundError, KeyError) as exc:
+        # Data and settings are checked before any collective, so every rank fails alike.
         print(f"mmkd-eval: {exc}", file=sys.stderr)
         return 2
+    except BaseException:  # noqa: BLE001 - a failing rank must end the job, not leave the others blocked
+        from mmkd_ds.distributed import abort
+
+        abort(f"mmkd-eval: rank {os.environ.get('RANK', '0')} failed:\n{traceback.format_exc()}", 1)
+    from mmkd_ds.distributed import process_place, release_shm_buffers
+
+    release_shm_buffers()
+    if not process_place().is_main:
+        return 0
     if args.out:
         result.write(args.out)
     print(result.to_markdown())

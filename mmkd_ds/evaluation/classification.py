@@ -44,14 +44,14 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from mmkd_ds.evaluation.finetune import Finetuner, FinetuneSettings, start_runtime
 from mmkd_ds.evaluation.report import LOW_RESOURCE, TaskResult
 from mmkd_ds.teacher import resolve_model_path
 
@@ -232,7 +232,7 @@ def _load_classifier(model_path: str, num_labels: int):
     return model, tokenizer
 
 
-def _encode(tokenizer, batch: list[Example], max_length: int, device: torch.device) -> dict:
+def _encode(tokenizer, batch: list[Example], max_length: int) -> dict[str, torch.Tensor]:
     enc = tokenizer(
         [e[0] for e in batch],
         [e[1] for e in batch],
@@ -241,61 +241,18 @@ def _encode(tokenizer, batch: list[Example], max_length: int, device: torch.devi
         max_length=max_length,
         return_tensors="pt",
     )
-    return {k: v.to(device) for k, v in enc.items()}
+    return dict(enc)
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast(device.type, enabled=False)
-
-
-def evaluate_accuracy(
-    model: torch.nn.Module,
-    tokenizer,
-    examples: list[Example],
-    batch_size: int = 32,
-    max_length: int = 128,
-    device: torch.device | str | None = None,
-) -> float:
-    """Accuracy of a sequence classifier on ``examples`` (eval mode, no grad, batched)."""
-    if not examples:
-        raise ValueError("evaluate_accuracy: no examples")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    correct = 0
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(examples), batch_size):
-                batch = examples[start : start + batch_size]
-                enc = _encode(tokenizer, batch, max_length, device)
-                with _autocast(device):
-                    logits = model(**enc).logits
-                pred = logits.float().argmax(dim=-1).cpu()
-                correct += int((pred == torch.tensor([e[2] for e in batch])).sum())
-    finally:
-        model.train(was_training)
-    return correct / len(examples)
-
-
-def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr)
-
-
-def _linear_warmup_decay(optimizer, warmup_steps: int, total_steps: int):
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def count_correct(
+    finetuner: Finetuner, tokenizer, examples: list[Example], batch_size: int, max_length: int, filler: Example
+) -> int:
+    """Correct predictions over ``examples`` (this rank's share), in eval mode without grad."""
+    batches = [_encode(tokenizer, examples[s : s + batch_size], max_length) for s in range(0, len(examples), batch_size)]
+    preds = finetuner.run_forwards(batches, _encode(tokenizer, [filler], max_length),
+                                   lambda out: out.logits.float().argmax(dim=-1).cpu())
+    labels = torch.tensor([e[2] for e in examples], dtype=torch.long)
+    return int((torch.cat(preds) == labels).sum()) if preds else 0
 
 
 def finetune_and_evaluate(
@@ -312,6 +269,7 @@ def finetune_and_evaluate(
     max_train_examples: int | None = None,
     max_eval_examples: int | None = None,
     device: torch.device | str | None = None,
+    deepspeed_config: str | None = None,
     low_resource: tuple[str, ...] | list[str] = LOW_RESOURCE,
     weight_decay: float = 0.01,
     warmup_ratio: float = 0.1,
@@ -320,24 +278,27 @@ def finetune_and_evaluate(
     """Fine-tune ``model_path`` on the task's English training split, test on every language.
 
     The model loads through ``AutoModelForSequenceClassification.from_pretrained(model_path,
-    num_labels=...)`` (a masked-LM student gets a new, seeded classification head). Training:
-    AdamW (no decay on biases and LayerNorm), linear warm-up over ``warmup_ratio`` of the steps
-    then linear decay to 0, gradient clipping at ``grad_clip``, batches shuffled by a
-    ``torch.Generator`` seeded with ``seed``; bf16 autocast on CUDA, fp32 on CPU. Every language's
+    num_labels=...)`` (a masked-LM student gets a new, seeded classification head). Training
+    (:mod:`mmkd_ds.evaluation.finetune`): AdamW (no decay on biases and LayerNorm), linear
+    warm-up over ``warmup_ratio`` of the steps then linear decay to 0, gradient clipping at
+    ``grad_clip``, global batches of ``batch_size`` shuffled by a ``torch.Generator`` seeded with
+    ``seed``; one process (bf16 autocast on CUDA, fp32 on CPU) or data-parallel ranks through
+    DeepSpeed when launched by ``deepspeed`` or given ``deepspeed_config``. Every language's
     test split (English too, when listed) is loaded and validated before training starts, so a
-    missing language fails fast.
+    missing language fails fast. Every rank returns the same result.
     """
     spec = get_task(task)
     languages = list(dict.fromkeys(languages))
     if not languages:
         raise ValueError(f"{spec.name}: no languages to evaluate")
-    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("max_length", max_length)):
-        if value < 1:
-            raise ValueError(f"{spec.name}: {name} must be >= 1, got {value}")
+    settings = FinetuneSettings(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
+                                warmup_ratio=warmup_ratio, grad_clip=grad_clip, seed=seed)
+    settings.validate(spec.name)
+    if max_length < 1:
+        raise ValueError(f"{spec.name}: max_length must be >= 1, got {max_length}")
     for name, value in (("max_train_examples", max_train_examples), ("max_eval_examples", max_eval_examples)):
         if value is not None and value < 1:
             raise ValueError(f"{spec.name}: {name} must be >= 1 or None, got {value}")
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     # Data first: bad input fails before any training time is spent.
     train, train_source = load_split(spec, spec.train_language, spec.train_split, data_dir)
@@ -351,56 +312,48 @@ def finetune_and_evaluate(
         tests[lang] = examples[:max_eval_examples] if max_eval_examples is not None else examples
         test_sources[lang] = source
 
-    torch.manual_seed(seed)
+    runtime = start_runtime(deepspeed_config, device)
+    torch.manual_seed(seed)  # the new head: the same on every rank
     model, tokenizer = _load_classifier(model_path, spec.num_labels)
-    model.to(device)
-    model.train()
-
-    steps_per_epoch = math.ceil(len(train) / batch_size)
+    steps_per_epoch, warmup_steps = settings.steps(len(train), runtime.world_size)
     total_steps = steps_per_epoch * epochs
-    warmup_steps = max(1, int(warmup_ratio * total_steps)) if warmup_ratio > 0 else 0
-    optimizer = _optimizer(model, lr, weight_decay)
-    scheduler = _linear_warmup_decay(optimizer, warmup_steps, total_steps) if warmup_steps else (
-        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, (total_steps - s) / total_steps))
-    )
+    if total_steps == 0:
+        raise ValueError(f"{spec.name}: {len(train)} training examples make no batch for {runtime.world_size} ranks")
+    finetuner = Finetuner(model, runtime, settings, total_steps, warmup_steps)
     generator = torch.Generator().manual_seed(seed)
 
     epoch_losses: list[float] = []
     t0 = time.time()
     for epoch in range(1, epochs + 1):
-        order = torch.randperm(len(train), generator=generator).tolist()
-        total, n = 0.0, 0
-        for start in range(0, len(order), batch_size):
-            batch = [train[i] for i in order[start : start + batch_size]]
-            enc = _encode(tokenizer, batch, max_length, device)
-            labels = torch.tensor([e[2] for e in batch], device=device)
-            with _autocast(device):
-                loss = model(**enc, labels=labels).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            optimizer.step()
-            scheduler.step()
-            total += float(loss.detach()) * len(batch)
+        total = torch.zeros((), dtype=torch.float64, device=runtime.device)
+        n = 0
+        for indices, n_global in finetuner.epoch_batches(len(train), generator):
+            batch = [train[i] for i in indices]
+            inputs = {k: v.to(runtime.device) for k, v in _encode(tokenizer, batch, max_length).items()}
+            inputs["labels"] = torch.tensor([e[2] for e in batch], device=runtime.device)
+            loss = finetuner.train_step(inputs, len(batch), n_global)
+            total += loss * len(batch)  # stays on the device: no sync per step
             n += len(batch)
-        epoch_losses.append(total / n)
-        print(
-            f"{spec.name} epoch {epoch}/{epochs}: train loss {epoch_losses[-1]:.4f} "
-            f"({steps_per_epoch} steps, {time.time() - t0:.1f}s)",
-            flush=True,
-        )
+        epoch_losses.append(finetuner.reduce_mean(total, n))
+        if runtime.is_main:
+            print(
+                f"{spec.name} epoch {epoch}/{epochs}: train loss {epoch_losses[-1]:.4f} "
+                f"({steps_per_epoch} steps, {time.time() - t0:.1f}s)",
+                flush=True,
+            )
 
     scores: dict[str, dict[str, float]] = {}
     counts: dict[str, int] = {}
     for lang in languages:
-        acc = evaluate_accuracy(model, tokenizer, tests[lang], batch_size=batch_size, max_length=max_length, device=device)
-        scores[lang] = {"accuracy": acc}
+        correct = count_correct(finetuner, tokenizer, finetuner.shard(tests[lang]), batch_size, max_length,
+                                filler=tests[lang][0])
+        correct_all, = finetuner.sum([correct])
+        scores[lang] = {"accuracy": correct_all / len(tests[lang])}
         counts[lang] = len(tests[lang])
 
     import transformers
 
-    settings = {
+    record = {
         "task": spec.name,
         "hub_name": spec.hub_name,
         "num_labels": spec.num_labels,
@@ -411,22 +364,15 @@ def finetune_and_evaluate(
         "train_split": spec.train_split,
         "test_split": spec.test_split,
         "train_examples": len(train),
-        "epochs": epochs,
-        "lr": lr,
-        "batch_size": batch_size,
+        **asdict(settings),
         "max_length": max_length,
-        "seed": seed,
         "max_train_examples": max_train_examples,
         "max_eval_examples": max_eval_examples,
-        "weight_decay": weight_decay,
-        "warmup_ratio": warmup_ratio,
         "warmup_steps": warmup_steps,
         "total_steps": total_steps,
-        "grad_clip": grad_clip,
         "optimizer": "AdamW",
         "schedule": "linear warm-up then linear decay",
-        "device": str(device),
-        "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+        **runtime.describe(),
         "epoch_losses": epoch_losses,
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
@@ -438,9 +384,10 @@ def finetune_and_evaluate(
         scores=scores,
         examples=counts,
         low_resource=tuple(low_resource),
-        settings=settings,
+        settings=record,
     )
-    print(summary_line(result), flush=True)
+    if runtime.is_main:
+        print(summary_line(result), flush=True)
     return result
 
 

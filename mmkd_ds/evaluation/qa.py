@@ -36,7 +36,8 @@ Preprocessing (fast tokenizer): ``question, context`` pairs with ``truncation="o
 ``max_length`` and ``stride=doc_stride`` (tokens shared by consecutive windows),
 ``return_overflowing_tokens`` and ``return_offsets_mapping``: a long context gives several
 windows. Training labels: the start/end tokens of the (first) answer when it lies wholly in the
-window, else the [CLS] index for both. Post-processing: per window, the ``n_best`` highest
+window, else the [CLS] index for both; training batches are padded to ``max_length`` (see
+``finetune_and_evaluate_qa``). Post-processing: per window, the ``n_best`` highest
 start and end logits are paired; a pair is valid when both tokens belong to the context,
 start <= end and the span has at most ``max_answer_length`` tokens; its score is
 start_logit + end_logit, the best valid span over all windows of an example wins, and its text
@@ -47,12 +48,13 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from mmkd_ds.evaluation.finetune import Finetuner, FinetuneSettings, start_runtime
 from mmkd_ds.evaluation.report import LOW_RESOURCE, TaskResult
 from mmkd_ds.teacher import resolve_model_path
 from mmkd_ds.evaluation.squad_metrics import squad_scores
@@ -250,8 +252,9 @@ def prepare_eval_features(examples: list[dict], tokenizer, max_length: int = 256
     return features
 
 
-def _collate(features: list[dict], pad_id: int, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    width = max(len(f["input_ids"]) for f in features)
+def _collate(features: list[dict], pad_id: int, keys: tuple[str, ...], width: int | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of ``features`` padded to ``width`` (default: the longest feature)."""
+    width = width or max(len(f["input_ids"]) for f in features)
     batch = {}
     for key in ("input_ids", "attention_mask", "token_type_ids"):
         if key in features[0]:
@@ -314,38 +317,25 @@ def postprocess_predictions(
 # ----------------------------------------------------------------------------------------------
 
 
-def _predict(model, features: list[dict], pad_id: int, batch_size: int, device, autocast) -> tuple[list, list]:
-    starts, ends = [], []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for b in range(0, len(features), batch_size):
-                batch = _collate(features[b : b + batch_size], pad_id, ())
-                batch = {k: v.to(device) for k, v in batch.items()}
-                with autocast():
-                    out = model(**batch)
-                starts.extend(out.start_logits.float().cpu())
-                ends.extend(out.end_logits.float().cpu())
-    finally:
-        model.train(was_training)
-    return starts, ends
+def predict_answers(
+    finetuner: Finetuner, tokenizer, examples: list[dict], *, max_length: int = 256, doc_stride: int = 64,
+    batch_size: int = 16, n_best: int = 20, max_answer_length: int = 30, filler: dict | None = None,
+) -> dict[str, str]:
+    """``{example id: predicted answer}`` for ``examples`` (this rank's share), eval mode, no grad.
 
-
-def evaluate_qa(
-    model, tokenizer, examples: list[dict], *, max_length: int = 256, doc_stride: int = 64,
-    batch_size: int = 16, n_best: int = 20, max_answer_length: int = 30, device=None, autocast=None,
-) -> tuple[dict[str, float], dict[str, str]]:
-    """SQuAD scores (``exact_match``, ``f1`` in [0, 1]) of ``model`` on ``examples``, and the predictions."""
-    import contextlib
-
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    autocast = autocast or contextlib.nullcontext
+    ``filler`` is any valid example, used for the padding forwards that keep the ranks in step
+    (needed when this rank's share is empty; defaults to the first example).
+    """
     features = prepare_eval_features(examples, tokenizer, max_length, doc_stride)
-    starts, ends = _predict(model, features, tokenizer.pad_token_id, batch_size, device, autocast)
-    preds = postprocess_predictions(examples, features, starts, ends, n_best, max_answer_length)
-    scores = squad_scores(preds, {ex["id"]: ex["answers"]["text"] for ex in examples})
-    return scores, preds
+    pad_id = tokenizer.pad_token_id
+    batches = [_collate(features[b : b + batch_size], pad_id, ()) for b in range(0, len(features), batch_size)]
+    filler = filler if filler is not None else examples[0]
+    filler_batch = _collate(prepare_eval_features([filler], tokenizer, max_length, doc_stride)[:1], pad_id, ())
+    outputs = finetuner.run_forwards(batches, filler_batch,
+                                     lambda out: (out.start_logits.float().cpu(), out.end_logits.float().cpu()))
+    starts = [row for s, _ in outputs for row in s]
+    ends = [row for _, e in outputs for row in e]
+    return postprocess_predictions(examples, features, starts, ends, n_best, max_answer_length)
 
 
 def finetune_and_evaluate_qa(
@@ -362,30 +352,32 @@ def finetune_and_evaluate_qa(
     max_train_examples: int | None = None,
     max_eval_examples: int | None = None,
     device=None,
+    deepspeed_config: str | None = None,
     low_resource=LOW_RESOURCE,
     n_best: int = 20,
     max_answer_length: int = 30,
 ) -> TaskResult:
     """Fine-tune ``model_path`` on SQuAD v1.1 and score it on XQuAD in each of ``languages``.
 
-    Plain torch loop: AdamW (weight decay 0.01, none on biases and LayerNorm), linear warm-up
-    over the first 10% of the steps then linear decay to 0, gradient clipping at 1.0, shuffling
-    from a generator seeded with ``seed`` (the new QA head is initialised under the same seed),
-    bf16 autocast on CUDA. ``max_train_examples`` keeps a seeded random subset of SQuAD;
+    Training (:mod:`mmkd_ds.evaluation.finetune`): AdamW (weight decay 0.01, none on biases and
+    LayerNorm), linear warm-up over the first 10% of the steps then linear decay to 0, gradient
+    clipping at 1.0, global batches of ``batch_size`` windows shuffled from a generator seeded
+    with ``seed`` (the new QA head is initialised under the same seed); one process (bf16
+    autocast on CUDA) or data-parallel ranks through DeepSpeed when launched by ``deepspeed`` or
+    given ``deepspeed_config``. ``max_train_examples`` keeps a seeded random subset of SQuAD;
     ``max_eval_examples`` keeps the first examples of each language. All data is loaded and
     validated before training starts. Returns a ``TaskResult`` (task ``"xquad"``, main metric
-    ``"f1"``, scores ``{lang: {"exact_match", "f1"}}`` in [0, 1]).
+    ``"f1"``, scores ``{lang: {"exact_match", "f1"}}`` in [0, 1]); every rank returns the same.
     """
-    import contextlib
-
     from tqdm.auto import tqdm
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
     languages = list(dict.fromkeys(languages))
     if not languages:
         raise ValueError("finetune_and_evaluate_qa: no languages")
-    if epochs < 1 or batch_size < 1:
-        raise ValueError(f"finetune_and_evaluate_qa: epochs and batch_size must be >= 1 (got {epochs}, {batch_size})")
+    settings = FinetuneSettings(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=0.01,
+                                warmup_ratio=_WARMUP_FRACTION, grad_clip=_MAX_GRAD_NORM, seed=seed)
+    settings.validate("finetune_and_evaluate_qa")
 
     train, train_source = load_squad_train(data_dir)
     evals = {lang: load_xquad(lang, data_dir) for lang in languages}
@@ -396,67 +388,50 @@ def finetune_and_evaluate_qa(
         evals = {lang: (rows[:max_eval_examples], src) for lang, (rows, src) in evals.items()}
 
     path = resolve_model_path(str(model_path))  # packaged names -> their directory
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-
-    def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-
-    torch.manual_seed(seed)
+    runtime = start_runtime(deepspeed_config, device)
+    torch.manual_seed(seed)  # the new span head: the same on every rank
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForQuestionAnswering.from_pretrained(path).to(device)
+    model = AutoModelForQuestionAnswering.from_pretrained(path)
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and max_length > limit:
         raise ValueError(f"max_length {max_length} exceeds the model's max_position_embeddings {limit}")
 
     features = prepare_train_features(train, tokenizer, max_length, doc_stride)
-    steps_per_epoch = math.ceil(len(features) / batch_size)
+    steps_per_epoch, warmup = settings.steps(len(features), runtime.world_size)
     total = steps_per_epoch * epochs
-    warmup = int(_WARMUP_FRACTION * total)
-
-    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": [p for n, p in params if not n.endswith(no_decay)], "weight_decay": 0.01},
-            {"params": [p for n, p in params if n.endswith(no_decay)], "weight_decay": 0.0},
-        ],
-        lr=lr,
-    )
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    if total == 0:
+        raise ValueError(f"finetune_and_evaluate_qa: {len(features)} training windows make no batch "
+                         f"for {runtime.world_size} ranks")
+    finetuner = Finetuner(model, runtime, settings, total, warmup)
     generator = torch.Generator().manual_seed(seed)
     pad_id = tokenizer.pad_token_id
-    model.train()
-    last_loss = float("nan")
-    with tqdm(total=total, desc="squad fine-tune", disable=None) as bar:
+    epoch_losses: list[float] = []
+    with tqdm(total=total, desc="squad fine-tune", disable=None if runtime.is_main else True) as bar:
         for _ in range(epochs):
-            order = torch.randperm(len(features), generator=generator).tolist()
-            for b in range(0, len(order), batch_size):
-                batch = _collate([features[i] for i in order[b : b + batch_size]], pad_id, ("start_positions", "end_positions"))
-                batch = {k: v.to(device) for k, v in batch.items()}
-                with autocast():
-                    loss = model(**batch).loss
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), _MAX_GRAD_NORM)
-                optimizer.step()
-                scheduler.step()
-                last_loss = float(loss.detach())
-                bar.set_postfix(loss=f"{last_loss:.3f}")
+            loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
+            n = 0
+            for indices, n_global in finetuner.epoch_batches(len(features), generator):
+                # Padded to max_length, not to the batch's longest window: the span head's softmax
+                # runs over every position, padding included, so a batch-dependent width would make
+                # an example's loss depend on its batch mates (and on how ranks split the batch).
+                batch = _collate([features[i] for i in indices], pad_id, ("start_positions", "end_positions"),
+                                 width=max_length)
+                batch = {k: v.to(runtime.device) for k, v in batch.items()}
+                loss = finetuner.train_step(batch, len(indices), n_global)
+                loss_sum += loss * len(indices)
+                n += len(indices)
                 bar.update(1)
+            epoch_losses.append(finetuner.reduce_mean(loss_sum, n))
+            bar.set_postfix(loss=f"{epoch_losses[-1]:.3f}")
 
     scores, counts, sources = {}, {}, {}
     for lang, (rows, source) in evals.items():
-        scores[lang], _ = evaluate_qa(
-            model, tokenizer, rows, max_length=max_length, doc_stride=doc_stride, batch_size=batch_size,
-            n_best=n_best, max_answer_length=max_answer_length, device=device, autocast=autocast,
+        local = predict_answers(
+            finetuner, tokenizer, finetuner.shard(rows), max_length=max_length, doc_stride=doc_stride,
+            batch_size=batch_size, n_best=n_best, max_answer_length=max_answer_length, filler=rows[0],
         )
+        preds = {k: v for part in finetuner.gather(local) for k, v in part.items()}
+        scores[lang] = squad_scores(preds, {ex["id"]: ex["answers"]["text"] for ex in rows})
         counts[lang] = len(rows)
         sources[lang] = source
 
@@ -468,30 +443,25 @@ def finetune_and_evaluate_qa(
         examples=counts,
         low_resource=tuple(low_resource),
         settings={
-            "seed": seed,
-            "epochs": epochs,
-            "lr": lr,
-            "batch_size": batch_size,
+            **asdict(settings),
             "max_length": max_length,
             "doc_stride": doc_stride,
             "n_best": n_best,
             "max_answer_length": max_answer_length,
-            "warmup_fraction": _WARMUP_FRACTION,
-            "weight_decay": 0.01,
-            "max_grad_norm": _MAX_GRAD_NORM,
             "max_train_examples": max_train_examples,
             "max_eval_examples": max_eval_examples,
             "train_examples": len(train),
             "train_features": len(features),
+            "warmup_steps": warmup,
             "train_steps": total,
-            "final_train_loss": last_loss,
-            "device": str(device),
-            "precision": "bf16" if use_bf16 else "fp32",
+            "epoch_losses": epoch_losses,
+            **runtime.describe(),
             "train_data": train_source,
             "eval_data": sources,
             "metric_scale": "[0, 1] (official SQuAD script: x100)",
         },
     )
     langs = ", ".join(f"{lang} {100 * s['f1']:.1f}" for lang, s in scores.items())
-    logger.info("xquad: avg F1 %.1f (%s)", 100 * result.average, langs)
+    if runtime.is_main:
+        logger.info("xquad: avg F1 %.1f (%s)", 100 * result.average, langs)
     return result

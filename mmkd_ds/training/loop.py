@@ -17,7 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from mmkd_ds.config.schema import RunConfig
-from mmkd_ds.distributed import ProcessPlace, process_place
+from mmkd_ds.distributed import init_distributed
 from mmkd_ds.models.mmkd import OBJECTIVES, MMKDModel
 from mmkd_ds.training.batch import MMKDCollator, batch_to_device
 from mmkd_ds.training.checkpoint import (
@@ -65,18 +65,6 @@ class TrainResult:
 
 
 # -- building the pieces ---------------------------------------------------------------------
-
-
-def init_distributed() -> tuple[ProcessPlace, torch.device]:
-    import deepspeed
-
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend)
-    place = process_place()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(place.local_rank)
-        return place, torch.device("cuda", place.local_rank)
-    return place, torch.device("cpu")
 
 
 def build_student(cfg: RunConfig):
