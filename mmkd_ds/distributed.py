@@ -40,6 +40,15 @@ def init_distributed():
     import deepspeed
     import torch
 
+    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
+        # A plain `python` run, no launcher: a world of one on a free local port (without these,
+        # DeepSpeed falls back to MPI discovery and fails where mpi4py is missing).
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend)
     place = process_place()

@@ -129,3 +129,26 @@ def test_uneven_final_batch_is_dropped_only_across_ranks():
     assert global_batches(17, 8, 1) == [(0, 8), (8, 16), (16, 17)]
     assert global_batches(17, 8, 2) == [(0, 8), (8, 16)]  # 1 item cannot feed 2 ranks
     assert global_batches(1, 8, 2) == []
+
+
+def test_one_process_with_deepspeed_config_needs_no_launcher(tmp_path, model_dir):
+    """`python launchers/evaluate.py --deepspeed_config ...` (no launcher, no MPI) runs as a world of one."""
+    import sys
+
+    data = tmp_path / "xnli"
+    write_jsonl(data / "en" / "train.jsonl", nli_rows(20, 0))
+    write_jsonl(data / "en" / "test.jsonl", nli_rows(5, 1))
+    single = finetune_and_evaluate("xnli", model_dir, ["en"], str(data), device="cpu", epochs=1, lr=1e-3, batch_size=4,
+                                   max_length=32)
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launchers" / "evaluate.py"), "--task", "xnli", "--model", model_dir,
+         "--languages", "en", "--data-dir", str(data), "--epochs", "1", "--lr", "1e-3", "--batch-size", "4",
+         "--max-length", "32", "--deepspeed_config", str(REPO / "ds_configs" / "zero1.json"), "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((out / "xnli.json").read_text())["settings"]
+    assert (s["world_size"], s["backend"]) == (1, "deepspeed ZeRO-1")
+    assert s["epoch_losses"] == pytest.approx(single.settings["epoch_losses"], rel=1e-4)
