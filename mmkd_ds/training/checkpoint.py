@@ -1,7 +1,8 @@
 """Checkpoints: DeepSpeed's sharded engine state on every rank, plus what exact resume needs.
 
 Layout under ``<out_dir>/checkpoints``: one DeepSpeed tag per save (``step00000100``) and the
-``latest`` file DeepSpeed writes last (so a save cut short is never picked up). The client state
+``latest`` file, written by rank 0 only after every rank has finished its part of the save (so
+a save cut short, on any rank, is never picked up). The client state
 holds the step, the data-stream state and a hash of the run's configuration; each rank also
 writes its RNG states (dropout) next to its shard of the engine state.
 """
@@ -79,7 +80,10 @@ class ResumeError(ValueError):
 def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, rank: int) -> str:
     """Save on every rank (DeepSpeed shards the engine state); returns the tag.
 
-    Our files go first: DeepSpeed writes `latest` last, so it only ever names complete tags.
+    ``latest`` names only complete tags. DeepSpeed's own ``latest`` is written by rank 0 as soon
+    as *its* files are done, while other ranks may still be writing their optimizer shards, so a
+    rank killed in that window would leave ``latest`` naming a partial save. Here every rank
+    finishes, a barrier follows, and only then rank 0 replaces ``latest`` (write and rename).
     ``client_state`` also goes to a JSON file, readable before DeepSpeed loads anything.
     """
     tag = tag_of(step)
@@ -87,7 +91,13 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, rank:
     torch.save(rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
     if rank == 0:
         (ckpt_dir / tag / STATE_FILE).write_text(json.dumps(client_state, indent=1, sort_keys=True, default=str))
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank's shard is on disk
+    if rank == 0:
+        tmp = ckpt_dir / "latest.tmp"
+        tmp.write_text(tag)
+        tmp.replace(ckpt_dir / "latest")
     return tag
 
 
