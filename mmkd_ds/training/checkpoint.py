@@ -98,6 +98,10 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, rank:
         tmp = ckpt_dir / "latest.tmp"
         tmp.write_text(tag)
         tmp.replace(ckpt_dir / "latest")
+    if torch.distributed.is_initialized():
+        # No rank leaves before `latest` exists: a job manager that ends the whole job when the
+        # first node exits (srun --kill-on-bad-exit) cannot cut the write short.
+        torch.distributed.barrier()
     return tag
 
 
