@@ -250,3 +250,15 @@ def test_online_teacher_matches_precomputed(student_tokenizer, teacher, teacher_
     # the teacher vectors agree only to fp16 rounding: the comparison is not vacuous
     assert not torch.equal(on["teacher_cls"], pre["teacher_cls"])
     assert torch.allclose(on["teacher_cls"], pre["teacher_cls"], rtol=1e-2, atol=1e-2)
+
+
+def test_build_model_trains_the_pretrained_student(tmp_path, student_tokenizer):
+    """from_pretrained gives an eval-mode student; the trained module must be in training mode
+    throughout, or the student's dropout would silently stay off during distillation."""
+    from mmkd_ds.training.loop import build_model
+
+    make_student(student_tokenizer).save_pretrained(tmp_path)
+    student = BertForMaskedLM.from_pretrained(tmp_path)
+    assert not student.training  # what transformers hands over
+    model = build_model(RunConfig(loss=loss_cfg()), student, teacher_hidden=32)
+    assert all(m.training for m in model.modules())

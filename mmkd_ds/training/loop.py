@@ -78,6 +78,17 @@ def build_student(cfg: RunConfig):
     return student, tokenizer
 
 
+def build_model(cfg: RunConfig, student: nn.Module, teacher_hidden: int) -> MMKDModel:
+    """The trained module (student + heads), in training mode.
+
+    ``from_pretrained`` returns the student in eval mode and neither DeepSpeed nor the loop
+    switches it back: without the ``train()`` here the student's dropout would stay off.
+    """
+    model = MMKDModel(student, teacher_hidden, cfg.loss)
+    model.train()
+    return model
+
+
 def build_online_teacher(cfg: RunConfig, device: torch.device):
     from mmkd_ds.teacher import load_teacher
 
@@ -146,7 +157,7 @@ def train(cfg: RunConfig, ds_config_path: str | None, resume: bool = False) -> T
     student, tokenizer = build_student(cfg)
     online = cfg.train.teacher_mode == "online"
     teacher = build_online_teacher(cfg, device) if online else None
-    model = MMKDModel(student, teacher_hidden_size(cfg), cfg.loss)
+    model = build_model(cfg, student, teacher_hidden_size(cfg))
 
     # Data: shards (or the corpus), tokenised for the student in the loader workers.
     collator = MMKDCollator(
