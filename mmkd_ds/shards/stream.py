@@ -175,6 +175,11 @@ class ShardLoader:
             num_workers=self.num_workers,
             persistent_workers=False,  # fresh workers pick up the new epoch and start batch
             worker_init_fn=_ignore_termination if self.num_workers else None,
+            # Its own generator: a DataLoader iterator otherwise draws its workers' base seed
+            # from the global torch RNG, which is also the student's dropout RNG, so a run
+            # resumed mid-epoch (one more iterator) would see other dropout masks than an
+            # uninterrupted one. The batches do not depend on it (seeded from the stream state).
+            generator=torch.Generator().manual_seed(self.epoch),
             **self._loader_kwargs,
         )
         for batch in loader:
