@@ -259,8 +259,9 @@ def test_shards_of_another_teacher_configuration_are_refused(setup, tmp_path):
         ("3_offload", []),
         ("2", ["--train.grad_accum=2"]),
         ("2", ["--train.teacher_mode=online"]),
+        ("3", ["--student.length_buckets=3"]),  # several encoder forwards per step under ZeRO-3
     ],
-    ids=["zero1", "zero3-offload", "grad-accum", "online-teacher"],
+    ids=["zero1", "zero3-offload", "grad-accum", "online-teacher", "zero3-length-buckets"],
 )
 def test_other_configurations_train_and_export(setup, tmp_path, stage, extra):
     out_dir = tmp_path / "run"

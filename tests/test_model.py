@@ -262,3 +262,42 @@ def test_build_model_trains_the_pretrained_student(tmp_path, student_tokenizer):
     assert not student.training  # what transformers hands over
     model = build_model(RunConfig(loss=loss_cfg()), student, teacher_hidden=32)
     assert all(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("buckets", [2, 3, 7, 100])  # 24 rows: even split, uneven, more buckets than sizes
+def test_length_buckets_give_the_same_losses_and_gradients(student_tokenizer, samples, buckets):
+    """Encoding rows in length buckets, each cut to its own longest row, changes nothing but
+    the padding: the losses and every parameter's gradient equal the single forward's."""
+    loss = loss_cfg()
+    batch = collate(student_tokenizer, samples, loss)
+    lengths = batch["attention_mask"].sum(1)
+    assert lengths.min() < lengths.max()  # there is padding to remove
+    results = []
+    for k in (1, buckets):
+        model = MMKDModel(make_student(student_tokenizer), 32, loss, length_buckets=k)
+        model.eval()  # BatchNorm in the heads: running statistics, so rows are independent
+        out = model(batch)
+        out["total"].backward()
+        results.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (one, g_one), (many, g_many) = results
+    for k in one:
+        torch.testing.assert_close(many[k], one[k], rtol=1e-5, atol=1e-6)
+    assert g_one.keys() == g_many.keys() and len(g_one) > 10
+    for n in g_one:
+        torch.testing.assert_close(g_many[n], g_one[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_encode_in_buckets_restores_row_order(student_tokenizer):
+    from mmkd_ds.models.mmkd import encode_in_buckets
+
+    encoder = make_student(student_tokenizer).base_model.eval()
+    enc = student_tokenizer(["a", "ein langer Satz mit vielen Worten hier", "kurz", "mittel lang ja"],
+                            padding=True, return_tensors="pt")
+    inputs = {k: enc[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        full = encoder(**inputs).last_hidden_state
+        split = encode_in_buckets(encoder, inputs, 4)  # a row per bucket
+    mask = inputs["attention_mask"].bool()
+    assert split.shape == full.shape
+    torch.testing.assert_close(split[mask], full[mask], rtol=1e-5, atol=1e-5)  # every real token, in order
+    assert torch.all(split[~mask] == 0)  # each row alone in its bucket: cut to its own length

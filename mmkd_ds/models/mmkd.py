@@ -1,7 +1,7 @@
 """The trained module: the student masked-LM plus the MMKD heads, computing all four losses.
 
-One encoder forward per step over the stacked row groups of ``training.batch`` (tlm, word,
-sent); the MLM head runs only on the selected positions (never a [rows, L, vocab] logits tensor);
+One encoder pass per step over the stacked row groups of ``training.batch`` (tlm, word,
+sent), optionally split into buckets of similar length (``student.length_buckets``); the MLM head runs only on the selected positions (never a [rows, L, vocab] logits tensor);
 the student's [CLS] of the translation feeds both the sentence and the structure heads.
 """
 
@@ -43,11 +43,40 @@ def gather_columns(x: Tensor, with_grad: bool) -> Tensor:
     return torch.cat(parts, dim=0)
 
 
+def encode_in_buckets(encoder: nn.Module, inputs: dict[str, Tensor], buckets: int) -> Tensor:
+    """``encoder(**inputs).last_hidden_state`` [R, L, H], run on ``buckets`` groups of rows.
+
+    Rows are sorted by length (``attention_mask`` sums) and cut into groups of equal row count;
+    each group is trimmed to its own longest row before the encoder sees it, and the outputs
+    are padded back with zeros and put in the original row order. Positions past a row's length
+    hold other values than a single forward would give (never used: every loss reads real
+    tokens only). With one bucket,
+    or rows of one length, this is a single plain forward.
+    """
+    mask = inputs["attention_mask"]
+    rows, width = mask.shape
+    if buckets <= 1 or rows <= 1:
+        return encoder(**inputs).last_hidden_state
+    lengths = mask.sum(dim=1)
+    order = torch.argsort(lengths, stable=True)
+    groups = [g for g in torch.tensor_split(order, min(buckets, rows)) if g.numel()]
+    tops = lengths[torch.stack([g[-1] for g in groups])].tolist()  # one host sync per step
+    outputs = []
+    for idx, top in zip(groups, tops):
+        part = {k: v[idx, :top] for k, v in inputs.items()}
+        h = encoder(**part).last_hidden_state  # [r, top, H]
+        outputs.append(nn.functional.pad(h, (0, 0, 0, width - top)))
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(rows, device=order.device)
+    return torch.cat(outputs, dim=0)[inverse]
+
+
 class MMKDModel(nn.Module):
-    def __init__(self, student: nn.Module, teacher_hidden: int, loss: LossConfig):
+    def __init__(self, student: nn.Module, teacher_hidden: int, loss: LossConfig, length_buckets: int = 1):
         super().__init__()
         self.student = student
         self.loss_cfg = loss
+        self.length_buckets = length_buckets
         hidden = int(student.config.hidden_size)
         self.weights = {
             "token": loss.token_weight,
@@ -81,7 +110,7 @@ class MMKDModel(nn.Module):
         kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         if self._pass_token_types:
             kwargs["token_type_ids"] = batch["token_type_ids"]
-        hidden = self.student.base_model(**kwargs).last_hidden_state  # [R, L, H]
+        hidden = encode_in_buckets(self.student.base_model, kwargs, self.length_buckets)  # [R, L, H]
         rows = batch["rows"]
         losses: dict[str, Tensor] = {}
         offset = 0

@@ -84,7 +84,7 @@ def build_model(cfg: RunConfig, student: nn.Module, teacher_hidden: int) -> MMKD
     ``from_pretrained`` returns the student in eval mode and neither DeepSpeed nor the loop
     switches it back: without the ``train()`` here the student's dropout would stay off.
     """
-    model = MMKDModel(student, teacher_hidden, cfg.loss)
+    model = MMKDModel(student, teacher_hidden, cfg.loss, cfg.student.length_buckets)
     model.train()
     return model
 
