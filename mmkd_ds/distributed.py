@@ -58,6 +58,21 @@ def init_distributed():
     return place, torch.device("cpu")
 
 
+def shutdown() -> None:
+    """Leave the process group together: a barrier, then destroy it, then free the shm buffer.
+
+    A rank that exits while another still writes its outputs can die in teardown (gloo's
+    threads see the peer go: "terminate called without an active exception", exit 250), so
+    every rank waits for the others before tearing down. A no-op without a process group.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    release_shm_buffers()
+
+
 def release_shm_buffers(place: ProcessPlace | None = None) -> None:
     """Unlink this rank's DeepSpeed CPU all-reduce buffer from /dev/shm.
 

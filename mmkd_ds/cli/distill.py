@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distill: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from mmkd_ds.distributed import abort, release_shm_buffers
+    from mmkd_ds.distributed import abort, shutdown
     from mmkd_ds.shards.manifest import ManifestError
     from mmkd_ds.shards.reader import ShardError
     from mmkd_ds.training.checkpoint import ResumeError
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(result.line(), flush=True)
-    release_shm_buffers()
+    shutdown()
     return 0
 
 

@@ -130,17 +130,16 @@ def run_transfer(args) -> int:
         from mmkd_ds.distributed import abort
 
         abort(f"mmkd-eval: rank {os.environ.get('RANK', '0')} failed:\n{traceback.format_exc()}", 1)
-    from mmkd_ds.distributed import process_place, release_shm_buffers
+    from mmkd_ds.distributed import process_place, shutdown
 
-    release_shm_buffers()
-    if not process_place().is_main:
-        return 0
-    if args.out:
-        result.write(args.out)
-    print(result.to_markdown())
-    low = result.low_resource_average
-    print(f"eval {args.task} {args.label or args.model}: average {result.main_metric} {100 * result.average:.1f}"
-          + (f", low-resource {100 * low:.1f}" if low is not None else ""))
+    if process_place().is_main:
+        if args.out:
+            result.write(args.out)
+        print(result.to_markdown())
+        low = result.low_resource_average
+        print(f"eval {args.task} {args.label or args.model}: average {result.main_metric} {100 * result.average:.1f}"
+              + (f", low-resource {100 * low:.1f}" if low is not None else ""), flush=True)
+    shutdown()  # the other ranks wait for rank 0's outputs, then all leave together
     return 0
 
 
