@@ -50,8 +50,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
-import random
 import statistics
 import sys
 import time
@@ -62,8 +60,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked; 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from recording import describe_machine, log, seed_everything, summarise, versions, write_atomic  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET_STREAM_RATIO = 10.0
@@ -72,80 +72,6 @@ TARGETS_TEXT = {
     "stream_vs_consumption": f"data stream >= {TARGET_STREAM_RATIO:g}x the samples/s training consumes",
     "data_wait": f"data wait < {100 * TARGET_WAIT_FRACTION:g}% of step time during training",
 }
-
-
-# --------------------------------------------------------------------------------------------
-# Machine and environment
-# --------------------------------------------------------------------------------------------
-
-
-def describe_machine(threads: int) -> dict[str, Any]:
-    """CPU model and cores from /proc/cpuinfo, memory, load, torch threads and versions."""
-    model, cores = None, set()
-    phys = core = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key, value = key.strip(), value.strip()
-            if key == "model name" and model is None:
-                model = value
-            elif key == "physical id":
-                phys = value
-            elif key == "core id":
-                core = value
-            elif not key and phys is not None:
-                cores.add((phys, core))
-                phys = core = None
-        if phys is not None:
-            cores.add((phys, core))
-    except OSError:
-        pass
-    mem = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem = int(line.split()[1]) * 1024
-                break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        usable = os.cpu_count()
-    model = model or platform.processor() or platform.machine()
-    return {
-        "type": "cpu",
-        "name": f"{model} ({usable} usable logical cores)",
-        "slug": "cpu",
-        "cpu_model": model,
-        "logical_cores": os.cpu_count(),
-        "usable_logical_cores": usable,
-        "physical_cores": len(cores) or None,
-        "memory_bytes": mem,
-        "torch_threads": torch.get_num_threads(),
-        "torch_threads_requested": threads,
-        "load_average_start": list(os.getloadavg()),
-    }
-
-
-def versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
-    for name in ("transformers", "tokenizers", "mmkd_ds"):
-        try:
-            out[name] = getattr(__import__(name), "__version__", None)
-        except ImportError:
-            out[name] = None
-    return out
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def log(msg: str, t0: float = time.perf_counter()) -> None:
-    print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,22 +122,6 @@ def prepare_workdir(args, overrides: list[str], cfg) -> dict[str, Any]:
             raise SystemExit(f"precompute into {shard_dir} did not finish (no manifest)")
         made["shards"] = f"made {shard_dir}: {summary.line()}"
     return made
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-# --------------------------------------------------------------------------------------------
-# Measurements
-# --------------------------------------------------------------------------------------------
-
-
-def summarise(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "mean": statistics.fmean(values), "n": len(values)}
 
 
 def measure_stream(cfg, place, collator, device, warmup_epochs: int, epochs: int) -> dict[str, Any]:

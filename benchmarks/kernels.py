@@ -56,6 +56,9 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from recording import write_atomic  # noqa: E402
+
 # kernels/__init__.py re-exports functions named like the modules, so import the modules by name.
 SKL = importlib.import_module("mmkd_ds.kernels.structure_kl")
 WP = importlib.import_module("mmkd_ds.kernels.word_pool")
@@ -658,12 +661,6 @@ def file_sha256(path: str | None) -> str | None:
     if not path or not os.path.exists(path):
         return None
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def main(argv=None) -> int:

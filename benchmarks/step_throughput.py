@@ -73,6 +73,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+from recording import write_atomic  # noqa: E402
 from reference_step import ReferenceStyleStep  # noqa: E402
 
 from mmkd_ds.config import load_config  # noqa: E402
@@ -526,12 +527,6 @@ def parse_args(argv=None):
     if min(args.rounds, args.steps) < 1 or args.warmup < 0 or args.batch_size < 2 or args.threads < 1:
         p.error("--rounds and --steps must be >= 1, --warmup >= 0, --batch-size >= 2, --threads >= 1")
     return args
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def main(argv=None) -> int:
