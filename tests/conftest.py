@@ -69,3 +69,15 @@ def student_tokenizer():
     from mmkd_ds.student_tokenizer import train_wordpiece
 
     return train_wordpiece(sample_texts("both"), vocab_size=900, lowercase=False)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-tensor tests: faster, and immune to a busy
+    2-core machine. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

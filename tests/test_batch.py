@@ -26,13 +26,7 @@ SAMPLE = Path(__file__).resolve().parents[1] / "mmkd_ds" / "data" / "sample"
 KEY = (0, 3, 1, 5)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def sample_pairs(per_lang: int, start: int = 0) -> list[Pair]:

@@ -28,13 +28,7 @@ KEY = (0, 1, 0, 2)
 HEADS = {"head_hidden": 16, "head_out": 8}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def make_student(tokenizer, hidden: int = 32, seed: int = 0) -> BertForMaskedLM:

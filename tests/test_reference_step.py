@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import BertConfig, BertForMaskedLM
 
 from mmkd_ds.config.schema import LossConfig, RunConfig, TeacherConfig
 from mmkd_ds.data.pairs import Pair
@@ -26,17 +25,13 @@ from mmkd_ds.training.loop import fill_online_teacher
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from reference_step import ReferenceStyleStep  # noqa: E402
+from test_model import make_student  # noqa: E402  (seed 0, dropout off)
 
 SAMPLE = ROOT / "mmkd_ds" / "data" / "sample"
 KEY = (0, 0, 3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")
@@ -54,16 +49,6 @@ def corpus_samples():
             pairs.append(Pair(en, xx, lang, f"train.en-{lang}.tsv:{n + 1}"))
     reader = CorpusReader(pairs)
     return [reader.read(i) for i in range(len(pairs))]
-
-
-def make_student(tokenizer, hidden: int) -> BertForMaskedLM:
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=2 * hidden, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )
-    return BertForMaskedLM(config)
 
 
 # Eval mode in fp32 as the benchmark's start-up check runs it. Training mode (the mode that is
