@@ -56,6 +56,17 @@ mmkd_int() {  # mmkd_int NAME VALUE: VALUE must be a non-negative integer
     [[ "$2" =~ ^[0-9]+$ ]] || mmkd_die "$1=$2: not a non-negative integer"
 }
 
+# Wait for process PID to end and return its exit status. A trapped signal interrupts `wait`
+# (which then returns >128 while the process still runs), so wait again until it is gone.
+mmkd_wait_for() {
+    local rc=0
+    while :; do
+        wait "$1" && rc=0 || rc=$?
+        kill -0 "$1" 2>/dev/null || break
+    done
+    return "$rc"
+}
+
 # Run "$@" until it ends, whatever signals arrive; SIGTERM/SIGINT are passed to its children.
 # The command itself starts with both ignored (see the header); returns its exit status.
 mmkd_run_through_signals() {
@@ -67,10 +78,7 @@ mmkd_run_through_signals() {
     trap "mmkd_log 'SIGTERM: passed to the ranks, which save a checkpoint and stop'; pkill -TERM -P $pid || true" TERM
     # shellcheck disable=SC2064
     trap "mmkd_log 'SIGINT: passed to the ranks as SIGTERM'; pkill -TERM -P $pid || true" INT
-    while :; do
-        wait "$pid" && rc=0 || rc=$?
-        kill -0 "$pid" 2>/dev/null || break
-    done
+    mmkd_wait_for "$pid" || rc=$?
     trap - TERM INT
     return "$rc"
 }
@@ -183,10 +191,7 @@ mmkd_srun_and_wait() {
     "$@" &
     pid=$!
     trap 'echo "$(date "+%F %T") batch shell: signal received; waiting for the job step to save and end" >&2' TERM INT
-    while :; do
-        wait "$pid" && rc=0 || rc=$?
-        kill -0 "$pid" 2>/dev/null || break
-    done
+    mmkd_wait_for "$pid" || rc=$?
     trap - TERM INT
     return "$rc"
 }
