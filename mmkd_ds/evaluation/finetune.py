@@ -251,10 +251,8 @@ class Finetuner:
 
     def reduce_mean(self, weighted_sum: torch.Tensor | float, count: int) -> float:
         """Σ over ranks of ``weighted_sum`` / Σ over ranks of ``count``."""
-        t = torch.tensor([float(weighted_sum), float(count)], dtype=torch.float64, device=self.runtime.device)
-        if self.engine is not None:
-            torch.distributed.all_reduce(t)
-        return float(t[0] / t[1]) if t[1] else float("nan")
+        total, n = self.sum([float(weighted_sum), float(count)])
+        return total / n if n else float("nan")
 
     # -- evaluation -------------------------------------------------------------------------
 
