@@ -10,7 +10,7 @@ code is not changed):
     corpus        build_corpus             reading, filtering, mixing the corpus
     load          load_teacher             from_pretrained, weight hashing, moving to the device
     forward       build_samples            pre-tokenising, teacher tokenisation, the teacher forward,
-                                           word pooling, fp16 conversion, per shard
+                                           word pooling, conversion to the storage dtype, per shard
     write         write_shard              tar encoding, fsync, rename, sha256, per shard
     bookkeeping   write_record, finalize_manifest, and the rest of the call (claiming the
                   directory, checking for complete shards)
@@ -23,16 +23,21 @@ Each figure is the median over the timed runs; every run's phases are in the JSO
 are checked to give byte-identical shards.
 
 Size. Shard bytes = the sizes of the shard files (tar headers and padding included) of one run.
-The baseline stores per-token teacher states in fp32 instead of the [CLS] and word vectors in
-fp16: for each pair, T x H x 4 bytes, where T is the number of teacher tokens of its English
-side as the teacher sees them (the real teacher tokenizer on the shared pre-tokenizer's word
-list, special tokens included, cut at teacher.max_tokens exactly as the precompute cuts it;
-checked against the subword counts stored in the shards), H the teacher's hidden size; plus the
-same text and json overhead: the bytes that the en.txt, xx.txt and json members take in the real
+The baseline stores per-token teacher states in fp32 instead of the [CLS] and word vectors:
+for each pair, T x H x 4 bytes, where T is the number of teacher tokens of its English side as
+the teacher sees them (the real teacher tokenizer on the shared pre-tokenizer's word list,
+special tokens included, cut at teacher.max_tokens exactly as the precompute cuts it; checked
+against the subword counts stored in the shards), H the teacher's hidden size; plus the same
+text overhead: the bytes that the json members (texts, word list, counts) take in the real
 shards, tar headers and padding included. The headline ratio is shard bytes / that baseline
 (target <= 35%). Also reported: the baseline written as the same tar layout (a tokens.npy member
-[T, H] fp32 in place of cls.npy + words.npy, npy and tar headers and end-of-archive included,
-computed exactly from the tar format), an fp16 per-token variant, and the vectors alone.
+[T, H] fp32 in place of vec.npy, npy and tar headers and end-of-archive included, computed
+exactly from the tar format), an fp16 per-token variant, and the vectors alone.
+
+Storage dtypes. Besides the timed runs (the config's teacher.dtype), one untimed precompute per
+other dtype of --storage (float32, float16, int8) gives that storage's shard bytes against the
+same baseline, and the error of each against float32 storage of the same teacher outputs, per
+stored vector (relative error and 1 - cosine).
 
     python benchmarks/precompute.py                      # workdir runs/bench-data, results in benchmarks/results
     python benchmarks/precompute.py --reps 5 --threads 2
@@ -82,6 +87,8 @@ WRAPPED = {  # mmkd_ds.precompute attribute -> phase
     "finalize_manifest": "manifest",
 }
 TAR_BLOCK = 512
+TEXT_MEMBERS = ("json",)  # texts, word lists, counts (and int8 scales): what is not a vector
+VECTOR_MEMBERS = ("vec.npy",)  # [1 + n_words, H]: [CLS] and the word vectors
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,7 +222,7 @@ def measure_size(cfg, shard_dir: Path) -> dict[str, Any]:
                 agg["footprint"] += footprint(member.size)
                 sizes.append(member.size)
                 entry = per_key.setdefault(key, {"shard": record.name, "text_footprint": 0})
-                if suffix in ("en.txt", "xx.txt", "json"):
+                if suffix in TEXT_MEMBERS:
                     entry["text_footprint"] += footprint(member.size)
                 if suffix == "json":
                     meta = json.loads(tar.extractfile(member).read().decode("utf-8"))
@@ -238,14 +245,14 @@ def measure_size(cfg, shard_dir: Path) -> dict[str, Any]:
         if enc.counts != entry["counts"] or enc.n_words != entry["n_words"]:
             mismatches += 1
         text_footprint_total += entry["text_footprint"]
-        # The same shard with one tokens.npy [T, H] fp32 member instead of cls.npy and words.npy.
+        # The same shard with one tokens.npy [T, H] fp32 member instead of vec.npy.
         # (its text/json members are added below, with their real sizes)
         shard_members_baseline.setdefault(entry["shard"], []).append(T * H * 4 + npy_header_bytes((T, H), "float32"))
     # Text/json member sizes per shard, from the real shards.
     for record in manifest.shards:
         with tarfile.open(shard_dir / record.name, mode="r:") as tar:
             for member in tar:
-                if split_member_name(member.name)[1] in ("en.txt", "xx.txt", "json"):
+                if split_member_name(member.name)[1] in TEXT_MEMBERS:
                     shard_members_baseline[record.name].append(member.size)
 
     n = len(pairs)
@@ -254,10 +261,10 @@ def measure_size(cfg, shard_dir: Path) -> dict[str, Any]:
     fp16_states = sum_T * H * 2
     baseline = fp32_states + text_footprint_total  # the headline baseline
     baseline_tar = sum(tar_size(v) for v in shard_members_baseline.values())
-    vec_payload = sum(by_suffix[s]["payload"] for s in ("cls.npy", "words.npy"))
-    vec_footprint = sum(by_suffix[s]["footprint"] for s in ("cls.npy", "words.npy"))
+    vec_payload = sum(by_suffix[s]["payload"] for s in VECTOR_MEMBERS)
+    vec_footprint = sum(by_suffix[s]["footprint"] for s in VECTOR_MEMBERS)
     words_total = sum(e["n_words"] for e in per_key.values())
-    vec_data = (words_total + n) * H * 2  # fp16 [CLS] + word vectors, npy headers excluded
+    vec_data = (words_total + n) * H * np.dtype(manifest.teacher["dtype"]).itemsize  # [CLS] + word vectors, no npy header
     return {
         "pairs": n,
         "hidden_size": H,
@@ -274,14 +281,14 @@ def measure_size(cfg, shard_dir: Path) -> dict[str, Any]:
         "shard_bytes_per_pair": shard_bytes / n,
         "baseline": {
             "what": "sum over pairs of T*H*4 (T = teacher tokens incl. specials, cut at max_tokens) + the bytes the "
-                    "en.txt/xx.txt/json members take in the real shards (tar headers and padding included)",
+                    "json members (texts, word lists, counts) take in the real shards (tar headers and padding included)",
             "bytes": baseline,
             "bytes_per_pair": baseline / n,
             "fp32_states_bytes": fp32_states,
         },
         "baseline_tar": {
-            "what": "the same tar layout with one tokens.npy [T, H] fp32 member per pair in place of cls.npy + "
-                    "words.npy (npy header, tar headers, padding, end-of-archive included)",
+            "what": "the same tar layout with one tokens.npy [T, H] fp32 member per pair in place of vec.npy "
+                    "(npy header, tar headers, padding, end-of-archive included)",
             "bytes": baseline_tar,
             "bytes_per_pair": baseline_tar / n,
         },
@@ -298,15 +305,76 @@ def measure_size(cfg, shard_dir: Path) -> dict[str, Any]:
     }
 
 
+def storage_variants(args, overrides: list[str], base: Path, main_dtype: str, main_dir: Path) -> dict[str, Path]:
+    """One untimed precompute per other storage dtype (teacher.dtype), same corpus and teacher."""
+    from mmkd_ds.precompute import run_precompute
+
+    dirs = {main_dtype: main_dir}
+    for dtype in args.storage:
+        if dtype in dirs:
+            continue
+        out_dir = base / f"dtype-{dtype}"
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        log(f"storage variant teacher.dtype={dtype}: one untimed precompute into {out_dir}")
+        seed_everything(args.seed)
+        run_precompute(run_config(args, overrides + [f"--teacher.dtype={dtype}"], out_dir))
+        dirs[dtype] = out_dir
+    return dirs
+
+
+def read_vectors(shard_dir: Path) -> np.ndarray:
+    """Every stored vector of a shard directory, decoded, as float32 [N, H] ([CLS] and words)."""
+    from mmkd_ds.shards.manifest import read_manifest
+    from mmkd_ds.shards.reader import ShardFile
+
+    rows = []
+    for record in read_manifest(shard_dir).shards:
+        shard = ShardFile(shard_dir / record.name, record)
+        for i in range(record.first_index, record.first_index + record.samples):
+            s = shard.read(i)
+            rows.append(np.vstack([s.cls[None].astype(np.float32), s.word_vectors.astype(np.float32)]))
+        shard.close()
+    return np.vstack(rows)
+
+
+def fidelity(dirs: dict[str, Path]) -> dict[str, dict[str, Any]]:
+    """Per stored vector, the error of each storage dtype against float32 storage."""
+    if "float32" not in dirs:
+        return {}
+    ref = read_vectors(dirs["float32"])
+    ref_norm = np.linalg.norm(ref, axis=1)
+    out = {}
+    for dtype, d in dirs.items():
+        got = read_vectors(d)
+        rel = np.linalg.norm(got - ref, axis=1) / np.maximum(ref_norm, 1e-12)
+        one_minus_cos = 1 - (got * ref).sum(1) / np.maximum(np.linalg.norm(got, axis=1) * ref_norm, 1e-12)
+        out[dtype] = {
+            "vectors": int(ref.shape[0]),
+            "relative_error_median": float(np.median(rel)),
+            "relative_error_p99": float(np.quantile(rel, 0.99)),
+            "relative_error_max": float(rel.max()),
+            "one_minus_cosine_median": float(np.median(one_minus_cos)),
+            "one_minus_cosine_max": float(one_minus_cos.max()),
+            "absmax_over_rms_median": float(np.median(np.abs(ref).max(1) / np.maximum(ref_norm / np.sqrt(ref.shape[1]), 1e-12))),
+        }
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
 
 
-def evaluate_targets(size: dict) -> dict[str, dict[str, Any]]:
-    r = size["ratio"]
-    return {"size": {"target": TARGETS_TEXT["size"], "value": r, "met": r <= TARGET_SIZE_RATIO,
-                     "status": f"{'met' if r <= TARGET_SIZE_RATIO else 'NOT met'} ({100 * r:.1f}%)"}}
+def evaluate_targets(size: dict, variants: dict[str, dict]) -> dict[str, dict[str, Any]]:
+    """The size target for the configured storage dtype and for every other one measured."""
+    out = {}
+    for dtype, v in {size["dtype"]: {"ratio": size["ratio"]}, **variants}.items():
+        r = v["ratio"]
+        out[f"size-{dtype}"] = {"target": f"{TARGETS_TEXT['size']}, {dtype} storage", "value": r,
+                                "met": r <= TARGET_SIZE_RATIO,
+                                "status": f"{'met' if r <= TARGET_SIZE_RATIO else 'NOT met'} ({100 * r:.1f}%)"}
+    return out
 
 
 def tables(result: dict[str, Any]) -> str:
@@ -346,11 +414,18 @@ def tables(result: dict[str, Any]) -> str:
     out.append("")
     out.append("## Size")
     out.append("")
-    out.append("| storage | bytes | bytes per pair | shards / this |")
+    out.append("| storage | bytes | bytes per pair | shards / baseline |")
     out.append("|---|---:|---:|---:|")
-    out.append(f"| shards (fp16 [CLS] + word vectors, as written) | {sz['shard_bytes']:,} | {sz['shard_bytes_per_pair']:,.0f} | |")
+    out.append(f"| shards, {sz['dtype']} [CLS] + word vectors (the timed runs) | {sz['shard_bytes']:,} | "
+               f"{sz['shard_bytes_per_pair']:,.0f} | **{100 * sz['ratio']:.1f}%** |")
+    for dtype, v in result["storage_variants"].items():
+        out.append(f"| shards, {dtype} [CLS] + word vectors (teacher.dtype={dtype}) | {v['shard_bytes']:,} | "
+                   f"{v['shard_bytes_per_pair']:,.0f} | **{100 * v['ratio']:.1f}%** |")
     b = sz["baseline"]
-    out.append(f"| **fp32 per-token states + same text/json members** (baseline) | {b['bytes']:,} | {b['bytes_per_pair']:,.0f} | **{100 * sz['ratio']:.1f}%** |")
+    out.append(f"| **fp32 per-token states + same text/json members** (baseline) | {b['bytes']:,} | {b['bytes_per_pair']:,.0f} | 100% |")
+    out.append("")
+    out.append("| storage | bytes | bytes per pair | timed shards / this |")
+    out.append("|---|---:|---:|---:|")
     bt = sz["baseline_tar"]
     out.append(f"| the baseline as a tar (tokens.npy [T, H] fp32 per pair) | {bt['bytes']:,} | {bt['bytes_per_pair']:,.0f} | {100 * sz['ratio_vs_baseline_tar']:.1f}% |")
     bf = sz["baseline_fp16_tokens"]
@@ -367,6 +442,20 @@ def tables(result: dict[str, Any]) -> str:
                f"{sz['tokenisation_check']['pairs_whose_counts_differ_from_the_shards']} pairs whose teacher subword "
                f"counts differ from the shards'.")
     out.append("")
+    if result["storage_error"]:
+        out.append("Storage error per stored vector ([CLS] and word vectors), against float32 storage of the same "
+                   "teacher outputs: relative error |v - v32| / |v32| and 1 - cos(v, v32).")
+        out.append("")
+        out.append("| storage | vectors | rel. error, median | p99 | max | 1 - cos, median | max |")
+        out.append("|---|---:|---:|---:|---:|---:|---:|")
+        for dtype, e in result["storage_error"].items():
+            out.append(f"| {dtype} | {e['vectors']:,} | {e['relative_error_median']:.1e} | {e['relative_error_p99']:.1e} | "
+                       f"{e['relative_error_max']:.1e} | {e['one_minus_cosine_median']:.1e} | {e['one_minus_cosine_max']:.1e} |")
+        e0 = next(iter(result["storage_error"].values()))
+        out.append("")
+        out.append(f"The teacher's vectors have max|v| / rms(v) = {e0['absmax_over_rms_median']:.1f} (median): int8's "
+                   "step per row is max|v| / 127, so teachers with larger outlier dimensions lose more.")
+        out.append("")
     out.append("## Targets (from the issue)")
     out.append("")
     out.append("| target | status on this run |")
@@ -402,6 +491,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="precompute.device (default cpu)")
     p.add_argument("--warmup", type=int, default=1, help="runs excluded (default 1)")
     p.add_argument("--reps", type=int, default=3, help="timed runs (default 3)")
+    p.add_argument("--storage", nargs="*", default=["float32", "float16", "int8"], choices=("float32", "float16", "int8"),
+                   help="storage dtypes (teacher.dtype) whose shard sizes are also measured, one untimed precompute "
+                        "each; float32 is the reference of the storage-error table (default: all three)")
     args, rest = p.parse_known_args(argv)
     bad = [a for a in rest if a.startswith("--") and "." not in a.split("=", 1)[0]]
     if bad:
@@ -454,7 +546,22 @@ def main(argv=None) -> int:
         "identical_shards": all(d == digests[0] for d in digests),
     }
     log("measuring sizes")
+    from mmkd_ds.shards.manifest import read_manifest
+
     size = measure_size(cfg, last_dir)
+    size["dtype"] = cfg.teacher.dtype
+    dirs = storage_variants(args, overrides, base, cfg.teacher.dtype, last_dir)
+    variants = {}
+    for dtype, d in dirs.items():
+        if dtype == cfg.teacher.dtype:
+            continue
+        nbytes = sum(s.bytes for s in read_manifest(d).shards)
+        # Against the main run's baseline: the fp32 per-token states plus the texts' JSON without
+        # int8 scales (the scales count in the int8 shards' bytes, not in the baseline).
+        variants[dtype] = {"shard_bytes": nbytes, "shard_bytes_per_pair": nbytes / size["pairs"],
+                           "ratio": nbytes / size["baseline"]["bytes"], "shard_dir": str(d)}
+    log("measuring the storage error against float32")
+    errors = fidelity(dirs)
     machine["load_average_end"] = list(os.getloadavg())
 
     result = {
@@ -479,8 +586,10 @@ def main(argv=None) -> int:
                      "clock": "time.perf_counter", "statistic": "median"},
         "speed": speed,
         "size": size,
+        "storage_variants": variants,
+        "storage_error": errors,
     }
-    result["targets"] = evaluate_targets(size)
+    result["targets"] = evaluate_targets(size, variants)
     md = tables(result)
     print(md)
     if args.out:

@@ -213,7 +213,7 @@ def run_precompute(cfg: RunConfig, place: ProcessPlace | None = None) -> Precomp
     pairs_written = bytes_written = 0
     for index, start, end in todo:
         samples = build_samples(teacher, corpus.pairs[start:end], start, cfg.precompute.batch_size)
-        record = write_shard(out_dir / shard_name(index), samples, first_index=start)
+        record = write_shard(out_dir / shard_name(index), samples, first_index=start, dtype=cfg.teacher.dtype)
         write_record(out_dir, record)
         pairs_written += record.samples
         bytes_written += record.bytes

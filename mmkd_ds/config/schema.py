@@ -116,7 +116,9 @@ class TeacherConfig:
     layer: int = -1
     # Subword -> word pooling: "mean" (of the word's subwords) or "first" (first subword).
     pooling: str = "mean"
-    # Storage dtype of the vectors in the shards ("float16" halves the bytes; .npy has no bf16).
+    # Storage dtype of the vectors in the shards: "float16" (half of float32; .npy has no bf16),
+    # "float32", or "int8" (per-row symmetric quantisation with a scale per vector: half of
+    # float16 again, at a relative error near 1% per vector; see the README's shard format).
     dtype: str = "float16"
     # Longest teacher input in subwords, specials included; longer sentences are cut at a word
     # boundary.
@@ -127,8 +129,8 @@ class TeacherConfig:
             raise ConfigError(f"{key}.name", "must name a model")
         if self.pooling not in ("mean", "first"):
             raise ConfigError(f"{key}.pooling", f"must be mean or first, got {self.pooling!r}")
-        if self.dtype not in ("float16", "float32"):
-            raise ConfigError(f"{key}.dtype", f"must be float16 or float32, got {self.dtype!r}")
+        if self.dtype not in ("float16", "float32", "int8"):
+            raise ConfigError(f"{key}.dtype", f"must be float16, float32 or int8, got {self.dtype!r}")
         if self.max_tokens < 4:
             raise ConfigError(f"{key}.max_tokens", "must be >= 4")
 

@@ -63,7 +63,8 @@ def read_manifest(shard_dir: str | Path) -> Manifest:
         raise ManifestError(f"{path}: unreadable manifest: {exc}") from None
     if manifest.schema_version != SCHEMA_VERSION:
         raise ManifestError(
-            f"{path}: field schema_version is {manifest.schema_version}, this mmkd-ds reads {SCHEMA_VERSION}"
+            f"{path}: field schema_version is {manifest.schema_version}, this mmkd-ds reads {SCHEMA_VERSION} "
+            "(the shard format changed: run mmkd-precompute again into a new precompute.out_dir)"
         )
     return manifest
 

@@ -49,13 +49,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def write_shard(path: Path, samples: list[ShardSample], first_index: int) -> ShardRecord:
-    """Write ``samples`` as one tar at ``path`` (atomically) and return its record."""
+def write_shard(path: Path, samples: list[ShardSample], first_index: int, dtype: str = "float16") -> ShardRecord:
+    """Write ``samples`` as one tar at ``path`` (atomically), vectors stored in ``dtype``, and
+    return its record."""
     buf = io.BytesIO()
     # ustar keeps headers free of pax extras (timestamps), so equal samples give equal bytes.
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for sample in samples:
-            for name, data in encode_sample(sample):
+            for name, data in encode_sample(sample, dtype):
                 tar.addfile(tar_member(name, len(data)), io.BytesIO(data))
     data = buf.getvalue()
     atomic_write_bytes(path, data)
