@@ -63,7 +63,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recording import describe_machine, log, seed_everything, summarise, versions, write_atomic  # noqa: E402
+from recording import describe_machine, log, reusable_shards, seed_everything, summarise, versions, write_atomic  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET_STREAM_RATIO = 10.0
@@ -98,7 +98,6 @@ def load_run_config(args, overrides: list[str]):
 def prepare_workdir(args, overrides: list[str], cfg) -> dict[str, Any]:
     """Student and shards in the workdir: made when missing, reused when present."""
     from mmkd_ds.precompute import run_precompute
-    from mmkd_ds.shards.manifest import MANIFEST_NAME
 
     made: dict[str, Any] = {}
     student_dir = Path(cfg.student.name)
@@ -113,7 +112,7 @@ def prepare_workdir(args, overrides: list[str], cfg) -> dict[str, Any]:
             raise SystemExit(f"mmkd-init-student failed ({rc})")
         made["student"] = f"made {student_dir} (mmkd-init-student)"
     shard_dir = Path(cfg.precompute.out_dir)
-    if (shard_dir / MANIFEST_NAME).is_file():
+    if reusable_shards(shard_dir):
         made["shards"] = f"reused {shard_dir}"
     else:
         log(f"precompute into {shard_dir}")

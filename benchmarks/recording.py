@@ -103,3 +103,23 @@ def seed_everything(seed: int) -> None:
 def summarise(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values),
             "mean": statistics.fmean(values), "n": len(values)}
+
+
+def reusable_shards(shard_dir: Path) -> bool:
+    """True when ``shard_dir`` holds a finished precompute this mmkd-ds reads. A directory of
+    another shard schema version (an older mmkd-ds) is deleted so that the caller remakes it."""
+    import shutil
+
+    from mmkd_ds.shards.manifest import MANIFEST_NAME, ManifestError, read_manifest
+
+    if not (shard_dir / MANIFEST_NAME).is_file():
+        return False
+    try:
+        read_manifest(shard_dir)
+    except ManifestError as exc:
+        if "schema_version" not in str(exc):
+            raise
+        print(f"{exc}: deleting {shard_dir} to make it again", file=sys.stderr, flush=True)
+        shutil.rmtree(shard_dir)
+        return False
+    return True

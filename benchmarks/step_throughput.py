@@ -73,7 +73,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from recording import write_atomic  # noqa: E402
+from recording import reusable_shards, write_atomic  # noqa: E402
 from reference_step import ReferenceStyleStep  # noqa: E402
 
 from mmkd_ds.config import load_config  # noqa: E402
@@ -130,7 +130,7 @@ def prepare(args, log) -> tuple[Path, Path]:
                         "--out", str(student_dir)], check=True)
     else:
         log(f"reusing the student in {student_dir}")
-    if not (shard_dir / "manifest.json").exists():
+    if not reusable_shards(shard_dir):
         log(f"making the shards: mmkd-precompute --config {args.config} --precompute.out_dir={shard_dir}")
         subprocess.run([sys.executable, "-m", "mmkd_ds.cli.precompute", "--config", str(args.config),
                         f"--precompute.out_dir={shard_dir}", "--precompute.device=cpu", "--precompute.progress=false"],

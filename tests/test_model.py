@@ -295,3 +295,17 @@ def test_encode_in_buckets_restores_row_order(student_tokenizer):
     assert split.shape == full.shape
     torch.testing.assert_close(split[mask], full[mask], rtol=1e-5, atol=1e-5)  # every real token, in order
     assert torch.all(split[~mask] == 0)  # each row alone in its bucket: cut to its own length
+
+
+def test_encode_in_buckets_looks_up_token_embeddings_once(student_tokenizer):
+    """The groups share one token-embedding lookup, so its dense gradient is built once."""
+    from mmkd_ds.models.mmkd import encode_in_buckets
+
+    encoder = make_student(student_tokenizer).base_model.eval()
+    calls = []
+    encoder.get_input_embeddings().register_forward_hook(lambda mod, args, out: calls.append(out.shape))
+    enc = student_tokenizer(["a", "ein langer Satz", "kurz", "mittel lang ja"], padding=True, return_tensors="pt")
+    out = encode_in_buckets(encoder, {k: enc[k] for k in ("input_ids", "attention_mask")}, 3)
+    assert calls == [(4, enc["input_ids"].shape[1], 32)]
+    out.sum().backward()
+    assert encoder.get_input_embeddings().weight.grad is not None
