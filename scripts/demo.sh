@@ -15,6 +15,10 @@ start=$SECONDS
 echo "demo 1/4: student initialisation -> $RUN/student-init"
 [ -f "$RUN/student-init/config.json" ] || mmkd-init-student --config configs/demo.yaml --out "$RUN/student-init"
 echo "demo 2/4: teacher precompute -> $RUN/shards"
+if [ -f "$RUN/shards/manifest.json" ] && ! python3 -c "from mmkd_ds.shards.manifest import read_manifest as r; r('$RUN/shards')" 2>/dev/null; then
+    echo "demo: $RUN/shards holds shards of an older format: making them again"
+    rm -rf "$RUN/shards"
+fi
 mmkd-precompute --config configs/demo.yaml
 echo "demo 3/4: distillation (deepspeed, 2 CPU ranks, ZeRO-2) -> $RUN/distill"
 rm -rf "$RUN/distill"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -272,6 +273,30 @@ def test_other_configurations_train_and_export(setup, tmp_path, stage, extra):
     from transformers import AutoModelForMaskedLM
 
     assert AutoModelForMaskedLM.from_pretrained(out_dir / "student").config.hidden_size == 32
+
+
+def test_one_process_without_deepspeed_config_trains_and_exports(setup, tmp_path):
+    """`python launchers/distill.py` with no launcher and no DeepSpeed JSON: ZeRO stage 0, whose
+    checkpoint zero_to_fp32 cannot read; the export must still hold the trained weights."""
+    from transformers import AutoModelForMaskedLM
+
+    from mmkd_ds.training.export import consolidated_state_dict
+
+    out_dir = tmp_path / "plain"
+    cmd = [sys.executable, str(REPO / "launchers" / "distill.py"), "--config", str(setup.config),
+           f"--train.out_dir={out_dir}", "--train.steps=2", "--train.eval_every=0", "--train.save_every=0"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "MASTER_PORT": str(free_port())})
+    out = ok(result)
+    assert "distill: done at step 2" in out
+    ckpt = out_dir / "checkpoints" / "step00000002"
+    assert not list(ckpt.glob("zero_pp_rank_*"))  # really stage 0
+    state = consolidated_state_dict(out_dir / "checkpoints", "step00000002")
+    exported = AutoModelForMaskedLM.from_pretrained(out_dir / "student")
+    key = "bert.encoder.layer.0.attention.self.query.weight"
+    torch.testing.assert_close(exported.state_dict()[key], state[f"student.{key}"])
+    initial = AutoModelForMaskedLM.from_pretrained(setup.student_dir)
+    assert not torch.equal(exported.state_dict()[key], initial.state_dict()[key])  # trained
 
 
 @pytest.mark.parametrize("stage", ["2", "3"])

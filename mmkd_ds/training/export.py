@@ -17,14 +17,16 @@ PREFIX = "student."
 
 
 def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    """The whole model's fp32 state dict from checkpoint ``ckpt_dir/tag`` of any ZeRO stage."""
+    tag_dir = Path(ckpt_dir) / tag
+    if not any(tag_dir.glob("zero_pp_rank_*_optim_states.pt")):
+        # Stage 0 (no zero_optimization section): no ZeRO partitions, the module state is whole
+        # in the model-states file (zero_to_fp32 cannot read such a checkpoint).
+        states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return {k: v.float() for k, v in states["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    try:
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    except (ValueError, FileNotFoundError):
-        # No ZeRO partitions (stage 0): the module state is whole in the model-states file.
-        states = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        return {k: v.float() for k, v in states["module"].items()}
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
 
 
 def export_student(ckpt_dir: Path, tag: str, student_name: str, tokenizer, out_dir: Path) -> Path:
