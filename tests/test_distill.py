@@ -275,28 +275,55 @@ def test_other_configurations_train_and_export(setup, tmp_path, stage, extra):
     assert AutoModelForMaskedLM.from_pretrained(out_dir / "student").config.hidden_size == 32
 
 
-def test_one_process_without_deepspeed_config_trains_and_exports(setup, tmp_path):
-    """`python launchers/distill.py` with no launcher and no DeepSpeed JSON: ZeRO stage 0, whose
-    checkpoint zero_to_fp32 cannot read; the export must still hold the trained weights."""
-    from transformers import AutoModelForMaskedLM
-
-    from mmkd_ds.training.export import consolidated_state_dict
-
-    out_dir = tmp_path / "plain"
+@pytest.fixture(scope="module")
+def one_process_run(setup, tmp_path_factory):
+    """`python launchers/distill.py` with no launcher and no DeepSpeed JSON (ZeRO stage 0)."""
+    out_dir = tmp_path_factory.mktemp("plain") / "run"
     cmd = [sys.executable, str(REPO / "launchers" / "distill.py"), "--config", str(setup.config),
            f"--train.out_dir={out_dir}", "--train.steps=2", "--train.eval_every=0", "--train.save_every=0"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", "MASTER_PORT": str(free_port())})
-    out = ok(result)
-    assert "distill: done at step 2" in out
-    ckpt = out_dir / "checkpoints" / "step00000002"
-    assert not list(ckpt.glob("zero_pp_rank_*"))  # really stage 0
-    state = consolidated_state_dict(out_dir / "checkpoints", "step00000002")
-    exported = AutoModelForMaskedLM.from_pretrained(out_dir / "student")
+    return SimpleNamespace(out_dir=out_dir, stdout=ok(result), ckpt=out_dir / "checkpoints" / "step00000002")
+
+
+def test_one_process_without_deepspeed_config_trains_and_exports(setup, one_process_run):
+    """Stage 0's checkpoint is one that zero_to_fp32 cannot read; the export must still hold
+    the trained weights."""
+    from transformers import AutoModelForMaskedLM
+
+    from mmkd_ds.training.export import consolidated_state_dict
+
+    run = one_process_run
+    assert "distill: done at step 2" in run.stdout
+    assert not list(run.ckpt.glob("zero_pp_rank_*"))  # really stage 0
+    state = consolidated_state_dict(run.ckpt.parent, run.ckpt.name)
+    exported = AutoModelForMaskedLM.from_pretrained(run.out_dir / "student")
     key = "bert.encoder.layer.0.attention.self.query.weight"
     torch.testing.assert_close(exported.state_dict()[key], state[f"student.{key}"])
     initial = AutoModelForMaskedLM.from_pretrained(setup.student_dir)
     assert not torch.equal(exported.state_dict()[key], initial.state_dict()[key])  # trained
+
+
+def test_head_retrieval_script_reads_a_checkpoint(setup, one_process_run, capsys):
+    """scripts/head_retrieval.py: its raw [CLS] column is mmkd-eval's x -> e retrieval of the
+    exported student; the head column is an accuracy of the same pairs."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import head_retrieval
+    finally:
+        sys.path.pop(0)
+    from mmkd_ds.data.corpus import build_heldout
+    from mmkd_ds.evaluation.retrieval import evaluate_retrieval, load_encoder
+
+    assert head_retrieval.main(["--config", str(setup.config), "--checkpoint", str(one_process_run.ckpt)]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| de") or line.startswith("| sw")]
+    assert [r[0].strip() for r in rows] == ["de", "sw"]
+    model, tokenizer = load_encoder(str(one_process_run.out_dir / "student"))
+    want = evaluate_retrieval(model, tokenizer, build_heldout(load_config(setup.config).data).pairs).per_language
+    for lang, pairs, _, head, raw in ((c.strip() for c in r) for r in rows):
+        assert int(pairs) == want[lang]["pairs"]
+        assert 0.0 <= float(head.rstrip("%")) <= 100.0
+        assert float(raw.rstrip("%")) == pytest.approx(100 * want[lang]["xx2en"], abs=0.051)
 
 
 @pytest.mark.parametrize("stage", ["2", "3"])
