@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import statistics
 import sys
@@ -63,7 +62,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recording import describe_machine, log, reusable_shards, seed_everything, summarise, versions, write_atomic  # noqa: E402
+from recording import describe_machine, log, reusable_shards, seed_everything, summarise, versions, write_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET_STREAM_RATIO = 10.0
@@ -421,13 +420,9 @@ def main(argv=None) -> int:
     result["targets"] = evaluate_targets(stream, train)
     md = tables(result)
     print(md)
-    if args.out:
-        out_dir = Path(args.out)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        base = out_dir / f"data-stream-{machine['slug']}"
-        write_atomic(base.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
-        write_atomic(base.with_suffix(".md"), md + "\n")
-        log(f"wrote {base}.json, {base}.md")
+    written = write_results(args.out, f"data-stream-{machine['slug']}", result, md)
+    if written:
+        log(f"wrote {', '.join(written)}")
     log(f"done in {time.perf_counter() - t_begin:.0f} s")
     return 0
 

@@ -42,7 +42,6 @@ import gc
 import hashlib
 import importlib
 import inspect
-import json
 import math
 import os
 import platform
@@ -57,7 +56,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recording import write_atomic  # noqa: E402
+from recording import device_slug, write_results  # noqa: E402
 
 # kernels/__init__.py re-exports functions named like the modules, so import the modules by name.
 SKL = importlib.import_module("mmkd_ds.kernels.structure_kl")
@@ -644,10 +643,6 @@ def parse_args(argv=None):
     return args
 
 
-def device_slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
-
-
 def resolve_peak(name: str, given: float | None) -> dict[str, Any]:
     if given:
         return {"value": given, "source": "--peak-gbps"}
@@ -731,14 +726,7 @@ def main(argv=None) -> int:
     md = tables(result)
     print(md)
 
-    written = []
-    if args.out:
-        out_dir = Path(args.out)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        base = out_dir / f"kernels-{dev['slug']}"
-        write_atomic(base.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
-        write_atomic(base.with_suffix(".md"), md + "\n")
-        written = [str(base.with_suffix(".json")), str(base.with_suffix(".md"))]
+    written = write_results(args.out, f"kernels-{dev['slug']}", result, md)
     cells = [c for r in sk_rows for c in r["cells"].values()] + (list(wp["cells"].values()) if wp else [])
     n_ok = sum(c.get("status") == "ok" for c in cells)
     n_oom = sum(c.get("status") == "OOM" for c in cells)

@@ -38,9 +38,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -57,7 +55,7 @@ import torch  # noqa: E402
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-from recording import describe_machine, log, reusable_shards, versions, write_atomic  # noqa: E402
+from recording import describe_machine, log, reusable_shards, versions, with_gpu, write_results  # noqa: E402
 
 # Dense bf16 peaks (TFLOP/s, no sparsity) by GPU name, most specific first.
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0))
@@ -346,8 +344,7 @@ def main(argv=None) -> int:
     peak, source = peak_tflops(device, args.peak_tflops)
     machine = describe_machine(torch.get_num_threads())
     if device.type == "cuda":
-        gpu = torch.cuda.get_device_name(device)
-        machine.update(gpu=gpu, name=f"{gpu} + {machine['name']}", slug=re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-"))
+        machine = with_gpu(machine, torch.cuda.get_device_name(device))
     result = {
         "benchmark": "mfu",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -362,13 +359,9 @@ def main(argv=None) -> int:
     }
     md = table(result)
     print(md)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        stem = out / f"mfu-{machine['slug']}"
-        write_atomic(stem.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
-        write_atomic(stem.with_suffix(".md"), md + "\n")
-        log(f"wrote {stem}.json, {stem}.md")
+    written = write_results(args.out, f"mfu-{machine['slug']}", result, md)
+    if written:
+        log(f"wrote {', '.join(written)}")
     from mmkd_ds.distributed import shutdown
 
     shutdown()

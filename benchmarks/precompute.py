@@ -55,7 +55,6 @@ import functools
 import io
 import json
 import os
-import re
 import shutil
 import statistics
 import sys
@@ -73,7 +72,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recording import describe_machine, log, seed_everything, summarise, versions, write_atomic  # noqa: E402
+from recording import describe_machine, log, seed_everything, summarise, versions, with_gpu, write_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET_SIZE_RATIO = 0.35
@@ -510,9 +509,7 @@ def main(argv=None) -> int:
     seed_everything(args.seed)
     machine = describe_machine(args.threads)
     if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
-        gpu = torch.cuda.get_device_name()
-        machine.update(type="cuda", gpu=gpu, name=f"{gpu} + {machine['name']}",
-                       slug=re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-"))
+        machine = with_gpu(machine, torch.cuda.get_device_name())
     log(f"machine: {machine['name']}; torch threads {torch.get_num_threads()}")
 
     base = Path(args.workdir).resolve() / "precompute"
@@ -592,13 +589,9 @@ def main(argv=None) -> int:
     result["targets"] = evaluate_targets(size, variants)
     md = tables(result)
     print(md)
-    if args.out:
-        out_dir = Path(args.out)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        stem = out_dir / f"precompute-{machine['slug']}"
-        write_atomic(stem.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
-        write_atomic(stem.with_suffix(".md"), md + "\n")
-        log(f"wrote {stem}.json, {stem}.md")
+    written = write_results(args.out, f"precompute-{machine['slug']}", result, md)
+    if written:
+        log(f"wrote {', '.join(written)}")
     log(f"done in {time.perf_counter() - t_begin:.0f} s")
     return 0
 

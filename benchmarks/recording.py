@@ -7,9 +7,11 @@ their directory.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import random
+import re
 import statistics
 import sys
 import time
@@ -83,6 +85,29 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def write_results(out: str, stem: str, result: dict, md: str) -> list[str]:
+    """``STEM.json`` (``result``) and ``STEM.md`` (``md``) under ``out``, each written atomically;
+    ``out`` empty writes nothing. Returns the paths written."""
+    if not out:
+        return []
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    write_atomic(json_path, json.dumps(result, indent=2) + "\n")
+    write_atomic(md_path, md + "\n")
+    return [str(json_path), str(md_path)]
+
+
+def device_slug(name: str) -> str:
+    """A device name as a file-name part: ``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia-h100-80gb-hbm3"``."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
+
+
+def with_gpu(machine: dict[str, Any], gpu: str) -> dict[str, Any]:
+    """``describe_machine``'s record for a run on GPU ``gpu``: named and slugged after it."""
+    return {**machine, "type": "cuda", "gpu": gpu, "name": f"{gpu} + {machine['name']}", "slug": device_slug(gpu)}
 
 
 def log(msg: str, t0: float = time.perf_counter()) -> None:

@@ -57,7 +57,6 @@ import argparse  # noqa: E402
 import copy  # noqa: E402
 import dataclasses  # noqa: E402
 import datetime as _dt  # noqa: E402
-import json  # noqa: E402
 import platform  # noqa: E402
 import shlex  # noqa: E402
 import statistics  # noqa: E402
@@ -73,7 +72,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from recording import reusable_shards, write_atomic  # noqa: E402
+from recording import reusable_shards, write_results  # noqa: E402
 from reference_step import ReferenceStyleStep  # noqa: E402
 
 from mmkd_ds.config import load_config  # noqa: E402
@@ -634,14 +633,7 @@ def main(argv=None) -> int:
     }
     md = tables(result)
     print(md)
-    written = []
-    if args.out:
-        out_dir = Path(args.out)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        base_path = out_dir / "step-throughput-cpu"
-        write_atomic(base_path.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
-        write_atomic(base_path.with_suffix(".md"), md + "\n")
-        written = [str(base_path.with_suffix(".json")), str(base_path.with_suffix(".md"))]
+    written = write_results(args.out, "step-throughput-cpu", result, md)
     figures = ", ".join(f"{n} {s['median_ms']:.0f} ms ({s['samples_per_s']:.1f} samples/s)" for n, s in summary.items())
     targets = "; ".join(f"{e['target']}: {fmt_ratio(e)}" + (f" ({'met' if e['met'] else 'not met'})" if "met" in e else "")
                         for e in result["targets"].values())
