@@ -3,9 +3,8 @@
 tokens, bf16, ZeRO-2, one GPU (the issue's GPU figure; it runs on CPU too, as a smoke test).
 
 What runs: the project's training step, built as ``mmkd_ds.training.loop.train`` builds it
-(``build_model``, ``build_ds_config`` with the given DeepSpeed JSON, ``build_optimizer``,
-``build_scheduler``, ``deepspeed.initialize``; batches from ``build_train_loader`` over
-precomputed shards), in this one process: engine forward, backward, step. Each step is timed
+(``build_model``; ``build_engine`` with the given DeepSpeed JSON; batches from
+``build_train_loader`` over precomputed shards), in this one process: engine forward, backward, step. Each step is timed
 from asking the loader for the batch to the end of ``engine.step()`` (CUDA synchronised).
 
 What counts as a model FLOP (``model_flops``; PaLM's convention: useful work only, no padding,
@@ -184,15 +183,11 @@ def prepare(args, workdir: Path) -> Path:
 
 
 def measure(args, config: Path) -> dict[str, Any]:
-    import deepspeed
-
     from mmkd_ds.config import load_config
     from mmkd_ds.distributed import init_distributed
     from mmkd_ds.training.batch import MMKDCollator, batch_to_device
     from mmkd_ds.training.data import build_train_loader, teacher_hidden_size
-    from mmkd_ds.training.ds_config import build_ds_config
-    from mmkd_ds.training.loop import build_model, build_student
-    from mmkd_ds.training.optim import build_optimizer, build_scheduler
+    from mmkd_ds.training.loop import build_engine, build_model, build_student
 
     cfg = load_config(config)
     place, device = init_distributed()
@@ -204,10 +199,7 @@ def measure(args, config: Path) -> dict[str, Any]:
     model = build_model(cfg, student, hidden_t)
     collator = MMKDCollator(tokenizer, cfg.loss, cfg.student.max_tokens, cfg.stream.seed)
     loader = build_train_loader(cfg, place, collator)
-    ds_config, _ = build_ds_config(str(REPO / args.ds_config), cfg, place.world_size, device.type)
-    optimizer = build_optimizer(model, cfg.train)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                           lr_scheduler=build_scheduler(optimizer, cfg.train), config=ds_config)
+    engine, ds_config, _ = build_engine(cfg, model, str(REPO / args.ds_config), place.world_size, device.type)
     sc = student.config
     word_map_to = hidden_t if model.word_map is not None else None
 

@@ -89,6 +89,19 @@ def build_model(cfg: RunConfig, student: nn.Module, teacher_hidden: int) -> MMKD
     return model
 
 
+def build_engine(cfg: RunConfig, model: nn.Module, ds_config_path: str | None, world_size: int, device_type: str):
+    """``(engine, ds_config, notes)``: the DeepSpeed engine with ZeRO from the JSON and the
+    hyper-parameters (optimizer, schedule, batch, precision) from the run config; ``notes`` say
+    where the YAML overrode the JSON."""
+    import deepspeed
+
+    ds_config, notes = build_ds_config(ds_config_path, cfg, world_size, device_type)
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    return engine, ds_config, notes
+
+
 def build_online_teacher(cfg: RunConfig, device: torch.device):
     from mmkd_ds.teacher import load_teacher
 
@@ -146,8 +159,6 @@ def run_heldout_eval(engine, tokenizer, pairs, device, step: int, metrics: Metri
 
 
 def train(cfg: RunConfig, ds_config_path: str | None, resume: bool = False) -> TrainResult:
-    import deepspeed
-
     place, device = init_distributed()
     out_dir = Path(cfg.train.out_dir)
     ckpt_dir = out_dir / "checkpoints"
@@ -172,10 +183,7 @@ def train(cfg: RunConfig, ds_config_path: str | None, resume: bool = False) -> T
         heldout = build_heldout(cfg.data).pairs
 
     # The engine: ZeRO from the JSON, hyper-parameters from the run config.
-    ds_config, notes = build_ds_config(ds_config_path, cfg, place.world_size, device.type)
-    optimizer = build_optimizer(model, cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    engine, ds_config, notes = build_engine(cfg, model, ds_config_path, place.world_size, device.type)
     if teacher is not None and ds_config["bf16"]["enabled"]:
         teacher.model.to(torch.bfloat16)
     metrics = MetricsLogger(engine, out_dir, place.is_main)
