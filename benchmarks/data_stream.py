@@ -174,12 +174,12 @@ def measure_training(cfg, place, student, collator, device, warmup: int, steps: 
     from mmkd_ds.training.batch import batch_to_device
     from mmkd_ds.training.data import build_train_loader, teacher_hidden_size
     from mmkd_ds.training.loop import all_finite, batchnorm_buffers, build_model
-    from mmkd_ds.training.optim import build_optimizer, build_scheduler
+    from mmkd_ds.training.optim import build_optimizer, build_scheduler, fixed_schedule
 
     torch.manual_seed(cfg.train.seed)  # head initialisation, as loop.py
     model = build_model(cfg, student, teacher_hidden_size(cfg)).to(device)
     optimizer = build_optimizer(model, cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train)
+    scheduler = build_scheduler(optimizer, fixed_schedule(cfg.train))
     params = [p for p in model.parameters() if p.requires_grad]
     bn_buffers = batchnorm_buffers(model)
     loader = build_train_loader(cfg, place, collator)

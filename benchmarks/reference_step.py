@@ -151,11 +151,19 @@ class ReferenceStyleStep:
             if cfg.word_sim == "cosine":
                 s = F.normalize(s, dim=-1, eps=1e-8)
                 t = F.normalize(t, dim=-1, eps=1e-8)
-            log_probs = (s @ t.T / cfg.word_tau).log_softmax(dim=-1)
+            # The authors' direction: teacher words are the anchors, softmax over student words.
+            rows_, cols_ = (t, s) if cfg.word_anchor == "teacher" else (s, t)
+            log_probs = (rows_ @ cols_.T / cfg.word_tau).log_softmax(dim=-1)
             scored = torch.tensor([bool(target[i][j]) for j in words])
-            total = total + (-log_probs.diagonal())[scored].sum()
-            count += int(scored.sum())
-        # The project's average: over every scored word of the batch (not per sentence first).
+            if not scored.any():
+                continue
+            per_word = (-log_probs.diagonal())[scored]
+            if cfg.word_reduction == "sentence":  # mean per sentence, then over sentences
+                total = total + per_word.mean()
+                count += 1
+            else:  # one mean over every scored word of the batch
+                total = total + per_word.sum()
+                count += len(per_word)
         return total / max(count, 1)
 
     def losses(self, batch: dict) -> dict[str, Tensor]:

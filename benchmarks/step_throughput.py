@@ -89,7 +89,7 @@ from mmkd_ds.training.loop import (  # noqa: E402
     build_student,
     fill_online_teacher,
 )
-from mmkd_ds.training.optim import build_optimizer, build_scheduler  # noqa: E402
+from mmkd_ds.training.optim import build_optimizer, build_scheduler, fixed_schedule  # noqa: E402
 
 VARIANTS = ("precomputed", "online", "reference")
 DESCRIPTIONS = {
@@ -175,7 +175,7 @@ class Runner:
         self.loader = loader
         self.batches = iter(loader)
         self.optimizer = build_optimizer(model, cfg.train)
-        self.scheduler = build_scheduler(self.optimizer, cfg.train)
+        self.scheduler = build_scheduler(self.optimizer, fixed_schedule(cfg.train))
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.bn_buffers = batchnorm_buffers(model)
         self.reference = (

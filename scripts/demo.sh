@@ -15,8 +15,11 @@ start=$SECONDS
 echo "demo 1/4: student initialisation -> $RUN/student-init"
 [ -f "$RUN/student-init/config.json" ] || mmkd-init-student --config configs/demo.yaml --out "$RUN/student-init"
 echo "demo 2/4: teacher precompute -> $RUN/shards"
-if [ -f "$RUN/shards/manifest.json" ] && ! python3 -c "from mmkd_ds.shards.manifest import read_manifest as r; r('$RUN/shards')" 2>/dev/null; then
-    echo "demo: $RUN/shards holds shards of an older format: making them again"
+if [ -f "$RUN/shards/manifest.json" ] && ! python3 -c "
+from mmkd_ds.config import load_config
+from mmkd_ds.shards.manifest import check_manifest, read_manifest
+check_manifest(read_manifest('$RUN/shards'), load_config('configs/demo.yaml').teacher)" 2>/dev/null; then
+    echo "demo: $RUN/shards holds shards of an older format or other teacher settings: making them again"
     rm -rf "$RUN/shards"
 fi
 mmkd-precompute --config configs/demo.yaml

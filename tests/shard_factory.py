@@ -37,7 +37,7 @@ def make_shards(out: Path, sizes: list[int], hidden: int = 4, poison: set[int] =
         records.append(write_shard(out / shard_name(i), samples, first_index=first))
         first += size
     teacher = {"name": TEACHER_NAME, "revision": "local", "weights_sha256": "0" * 64, "hidden_size": hidden,
-               "layer": -1, "pooling": "mean", "dtype": "float16", "max_tokens": 128}
+               "layer": -1, "pooling": "first", "dtype": "float16", "max_tokens": 128}
     manifest = Manifest(SCHEMA_VERSION, teacher, PRETOKENIZER_NAME, {"fingerprint": "f" * 64, "pairs": first},
                         max(sizes), records)
     write_manifest(out, manifest)

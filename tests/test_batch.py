@@ -180,9 +180,9 @@ def expected_k(n: int, prob=0.15, cap=0.25) -> int:
 
 
 @pytest.mark.parametrize("targets", ["masked", "all"])
-def test_whole_word_masking(student_tokenizer, samples, targets):
+def test_whole_word_masking_all_mask(student_tokenizer, samples, targets):
     tok = student_tokenizer
-    b = collate(tok, samples, word_targets=targets)
+    b = collate(tok, samples, word_targets=targets, word_mask_mode="mask")
     rows = b["input_ids"][group(b, "word")]
     for i, s in enumerate(samples):
         n = int(b["attention_mask"][group(b, "word")][i].sum())
@@ -203,6 +203,38 @@ def test_whole_word_masking(student_tokenizer, samples, targets):
             assert torch.nonzero(target).flatten().tolist() == masked_words
         else:
             assert torch.equal(target, valid)
+
+
+def test_whole_word_masking_80_10_10(student_tokenizer, samples):
+    """The default (the authors' whole_word_random_mask): the chosen words' subwords each
+    become [MASK] (80%), a random non-special token (10%) or stay (10%); nothing else moves."""
+    tok = student_tokenizer
+    special = set(tok.all_special_ids)
+    chosen = masked = kept = randomised = 0
+    for k in range(64):
+        b = collate(tok, samples, key=(k, 3))
+        rows = b["input_ids"][group(b, "word")]
+        for i, s in enumerate(samples):
+            n = int(b["attention_mask"][group(b, "word")][i].sum())
+            original = pair_ids(tok, s.words, split_words(s.xx))
+            wid, target = b["word_ids"][i], b["word_target"][i]
+            assert int(target.sum()) == expected_k(int(b["word_valid"][i].sum()))
+            for t in range(n):
+                now = int(rows[i, t])
+                if wid[t] >= 0 and target[wid[t]]:
+                    chosen += 1
+                    if now == tok.mask_token_id:
+                        masked += 1
+                    elif now == original[t]:
+                        kept += 1
+                    else:
+                        assert now not in special
+                        randomised += 1
+                else:
+                    assert now == original[t]  # other words and the translation untouched
+    assert chosen > 1500
+    assert 0.75 < masked / chosen < 0.85
+    assert 0.06 < kept / chosen < 0.14 and 0.06 < randomised / chosen < 0.14
 
 
 def test_word_mask_count_clamp(student_tokenizer, samples):

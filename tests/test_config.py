@@ -1,5 +1,7 @@
 """Config: YAML + dotted overrides, and errors that name the key."""
 
+from pathlib import Path
+
 import pytest
 
 from mmkd_ds.config import ConfigError, RunConfig, load_config, parse_overrides
@@ -15,7 +17,7 @@ def test_defaults_without_file():
     cfg = load_config(None, [])
     assert isinstance(cfg, RunConfig)
     assert cfg.data.sources[0].path == "sample:train"
-    assert cfg.teacher.pooling == "mean"
+    assert cfg.teacher.pooling == "first"  # the authors' first subword
 
 
 def test_yaml_and_overrides(tmp_path):
@@ -72,3 +74,30 @@ def test_bad_source_entry_names_its_index(tmp_path):
 def test_missing_config_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_paper_preset_loads_and_is_the_authors_setting():
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "paper.yaml", [])
+    assert (cfg.teacher.name, cfg.student.name) == ("bert-base-cased", "bert-base-multilingual-cased")
+    langs = {s.lang for s in cfg.data.sources}
+    assert langs == {"fr", "bg", "de", "es", "ar", "zh", "hi"}
+    assert cfg.data.alpha == 0.0 and cfg.data.identity_pairs
+    loss, train = cfg.loss, cfg.train
+    assert (loss.token_weight, loss.word_weight, loss.sentence_weight, loss.structure_weight) == (1, 1, 1, 10)
+    assert (loss.head_hidden, loss.head_out, loss.head_final_bn, loss.head_bias) == (768, 128, True, False)
+    assert (loss.word_anchor, loss.word_reduction, loss.word_mask_mode) == ("teacher", "sentence", "bert")
+    assert cfg.teacher.pooling == loss.word_pooling == "first"
+    assert (train.epochs, train.warmup_epochs, train.schedule) == (15, 2, "cosine")
+    assert (train.lr, train.lr_scaling, train.weight_decay, train.weight_decay_on) == (2e-5, "linear", 0.01, "all")
+    assert train.grad_clip == 0 and train.precision == "bf16"
+    # the TSV source resolves against the YAML file's directory
+    assert cfg.data.sources[-1].path.endswith("data/eubookshop.en-bg.tsv")
+
+
+def test_train_epoch_fields_are_checked():
+    with pytest.raises(ConfigError, match="train.warmup_epochs"):
+        load_config(None, ["--train.epochs=2", "--train.warmup_epochs=2"])
+    with pytest.raises(ConfigError, match="train.lr_scaling"):
+        load_config(None, ["--train.lr_scaling=sqrt"])
+    with pytest.raises(ConfigError, match="loss.word_anchor"):
+        load_config(None, ["--loss.word_anchor=both"])

@@ -248,7 +248,7 @@ def test_resume_refuses_changed_world_or_batch_size(setup, tmp_path):
 
 
 def test_shards_of_another_teacher_configuration_are_refused(setup, tmp_path):
-    result = launch(setup, tmp_path / "run", "--teacher.pooling=first", gpus=1)
+    result = launch(setup, tmp_path / "run", "--teacher.pooling=mean", gpus=1)
     assert result.returncode == 2
     assert "teacher.pooling" in result.stderr
 
@@ -256,7 +256,7 @@ def test_shards_of_another_teacher_configuration_are_refused(setup, tmp_path):
 @pytest.mark.parametrize(
     "stage, extra",
     [
-        ("1", []),
+        ("1", ["--train.epochs=0.34", "--train.warmup_epochs=0.17", "--train.lr_scaling=linear"]),
         ("3_offload", []),
         ("2", ["--train.grad_accum=2"]),
         ("2", ["--train.teacher_mode=online"]),
@@ -268,6 +268,9 @@ def test_other_configurations_train_and_export(setup, tmp_path, stage, extra):
     out_dir = tmp_path / "run"
     out = ok(launch(setup, out_dir, "--train.steps=2", "--train.eval_every=0", *extra, stage=stage))
     assert "distill: done at step 2" in out
+    if "--train.lr_scaling=linear" in extra:  # 48 pairs / (2 ranks x 4) = 6 steps an epoch
+        assert "schedule: 2 steps (0.34 epochs of 6), global batch 8, warm-up 1 (0.17 epochs)" in out
+        assert "= 0.001 x 8/256" in out
     losses = losses_by_step(out_dir)
     assert sorted(losses) == [1, 2] and all(v == v and abs(v) < 1e4 for r in losses.values() for v in r.values())
     from transformers import AutoModelForMaskedLM
@@ -329,14 +332,15 @@ def test_head_retrieval_script_reads_a_checkpoint(setup, one_process_run, capsys
 @pytest.mark.parametrize("stage", ["2", "3"])
 def test_ema_teacher_head_moves_under_zero(setup, tmp_path, stage):
     """teacher_head=ema must really update g_T, also when ZeRO-3 partitions the heads."""
-    from mmkd_ds.losses.sentence import SENTENCE_SEED_SALT, frozen_head
+    from mmkd_ds.losses.heads import frozen_projector
+    from mmkd_ds.losses.sentence import SENTENCE_SEED_SALT
     from mmkd_ds.training.export import consolidated_state_dict
 
     out_dir = tmp_path / "ema"
     ok(launch(setup, out_dir, "--train.steps=2", "--train.eval_every=0", "--train.export=false",
               "--loss.teacher_head=ema", "--loss.ema_decay=0.5", stage=stage))
     state = consolidated_state_dict(out_dir / "checkpoints", "step00000002")
-    init = frozen_head(32, 32, 16, 0, SENTENCE_SEED_SALT).state_dict()
+    init = frozen_projector(32, 32, 16, 0, SENTENCE_SEED_SALT).state_dict()
     trained_key = next(k for k in state if k.startswith("sentence_heads.g_T.") and k.endswith("weight") and state[k].dim() == 2)
     name = trained_key.removeprefix("sentence_heads.g_T.")
     assert state[trained_key].shape == init[name].shape

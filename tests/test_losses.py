@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from mmkd_ds.losses import (
-    ProjectionMLP,
+    MLPHead,
     SentenceHeads,
     StructureHeads,
     byol_loss,
@@ -96,6 +96,8 @@ def test_tlm_low_precision_is_fp32_and_close(dtype):
 
 
 def _word_loop(student, teacher, valid, target, sim="dot", tau=1.0):
+    """The student-anchor form with one mean over every scored word (anchor="student",
+    reduction="word"), written as a plain loop."""
     """Plain-Python reference: loop over sentences, words and candidate words."""
     b_, w_, _ = student.shape
     terms = []
@@ -184,8 +186,85 @@ def test_word_matches_loop(b, w, d, sim, tau):
     target = torch.rand(b, w, generator=g) < 0.5
     target[:, 0] = True  # at least one scored word
     expected = _word_loop(student, teacher, valid, target, sim, tau)
-    got = word_infonce_loss(student, teacher, valid, target, sim=sim, tau=tau)
+    got = word_infonce_loss(student, teacher, valid, target, sim=sim, tau=tau, anchor="student", reduction="word")
     assert got.item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def _authors_word_loss(student, teacher, valid, target):
+    """The authors' compute_tacl_loss (mmkd/builder.py), as a loop over sentences, in float64.
+
+    Per sentence: its words' teacher and student vectors in word order, scores = T @ S^T (the
+    teacher word is the anchor, the softmax runs over the student's words), the diagonal's
+    -log_softmax times the word labels, summed and divided by the number of labelled words;
+    sentences with no labelled word are skipped, the rest averaged. (Their first-sentence
+    `flag` bug, which overwrites the running sum when sentence 0 is skipped, is not copied.)
+    """
+    per_sentence = []
+    for b in range(student.shape[0]):
+        idx = valid[b].nonzero().flatten()
+        labels = target[b, idx].double()
+        if labels.sum() == 0:
+            continue
+        t_rep, s_rep = teacher[b, idx].double(), student[b, idx].double()
+        logprobs = F.log_softmax(t_rep @ s_rep.T, dim=-1)
+        gold = torch.arange(len(idx))
+        loss = -logprobs.gather(dim=-1, index=gold.unsqueeze(1)).squeeze(1)
+        per_sentence.append((loss * labels).sum() / labels.sum())
+    return sum(per_sentence) / len(per_sentence)
+
+
+def _authors_case(seed: int, b: int, w: int, d: int):
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(b, w, d, generator=g) * 0.5
+    teacher = torch.randn(b, w, d, generator=g) * 0.5
+    lengths = torch.randint(2, w + 1, (b,), generator=g)
+    valid = torch.arange(w)[None, :] < lengths[:, None]
+    target = (torch.rand(b, w, generator=g) < 0.4) & valid
+    target[0, 0] = True
+    # a one-word sentence (scored), a sentence with no scored word, a hole inside a sentence
+    valid[1], target[1] = False, False
+    valid[1, 0] = target[1, 0] = True
+    target[2] = False
+    valid[3, 1] = False
+    target[3, 0] = True
+    return student, teacher, valid, target
+
+
+@pytest.mark.parametrize("seed,b,w,d", [(0, 4, 6, 5), (1, 6, 9, 3), (2, 5, 12, 16)])
+def test_word_defaults_equal_the_authors_loop(seed, b, w, d):
+    student, teacher, valid, target = _authors_case(seed, b, w, d)
+    s64 = student.double().requires_grad_(True)
+    expected = _authors_word_loss(s64, teacher, valid, target)
+    expected.backward()
+    s32 = student.clone().requires_grad_(True)
+    got = word_infonce_loss(s32, teacher, valid, target)  # default arguments
+    got.backward()
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(s32.grad.double(), s64.grad, rtol=1e-4, atol=1e-6)
+    # the unmasked words of a scored sentence get gradient as negatives; padding gets none
+    unscored = valid[0] & ~target[0]
+    assert s32.grad[0][unscored].abs().sum() > 0
+    assert torch.all(s32.grad[~valid] == 0)
+    # the sentence with no scored word gets none either, the one-word sentence counts as 0
+    assert torch.all(s32.grad[2] == 0) and torch.all(s32.grad[1] == 0)
+    # the sentence mean differs from one global mean over words when sentences differ in size
+    per_word = word_infonce_loss(student, teacher, valid, target, reduction="word")
+    assert abs(per_word.item() - got.item()) > 1e-4
+
+
+def test_word_anchor_by_hand():
+    # S = [[1, 0], [1, 1]], T = [[1, 0], [0, 1]]: s_j . t_k = [[1, 0], [1, 1]] (rows student).
+    # anchor student (rows s_j):  -log softmax([1, 0])[0] = log(1 + e^-1); -log softmax([1, 1])[1] = log 2
+    # anchor teacher (rows t_j = columns above): [1, 1] -> log 2; [0, 1] -> log(1 + e^-1)
+    # Both average to the same here, so score word 0 only: they differ.
+    student = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]])
+    teacher = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    valid = torch.ones(1, 2, dtype=torch.bool)
+    only0 = torch.tensor([[True, False]])
+    assert word_infonce_loss(student, teacher, valid, only0, anchor="student").item() == pytest.approx(
+        math.log1p(math.exp(-1)), rel=1e-6)
+    assert word_infonce_loss(student, teacher, valid, only0, anchor="teacher").item() == pytest.approx(
+        math.log(2), rel=1e-6)
 
 
 def test_word_single_word_sentence_is_zero():
@@ -252,6 +331,10 @@ def test_word_rejects_bad_arguments():
         word_infonce_loss(x, x, v, v, sim="l2")
     with pytest.raises(ValueError, match="tau"):
         word_infonce_loss(x, x, v, v, tau=0.0)
+    with pytest.raises(ValueError, match="anchor"):
+        word_infonce_loss(x, x, v, v, anchor="both")
+    with pytest.raises(ValueError, match="reduction"):
+        word_infonce_loss(x, x, v, v, reduction="mean")
     with pytest.raises(ValueError, match=r"\[B, W\]"):
         word_infonce_loss(x, x, torch.ones(1, 3, dtype=torch.bool), v)
 
@@ -314,11 +397,49 @@ def _heads(**kw):
     return SentenceHeads(**args)
 
 
-def test_projection_mlp_shapes_and_layers():
-    mlp = ProjectionMLP(5, 9, 4)
-    kinds = [type(m) for m in mlp.net]
-    assert kinds == [torch.nn.Linear, torch.nn.BatchNorm1d, torch.nn.ReLU, torch.nn.Linear]
-    assert mlp(torch.randn(3, 5)).shape == (3, 4)
+def _layout(mlp: torch.nn.Module) -> list[tuple]:
+    """(type, has bias / is affine) of each layer."""
+    out = []
+    for m in mlp.net:
+        if isinstance(m, torch.nn.Linear):
+            out.append(("Linear", m.bias is not None))
+        elif isinstance(m, torch.nn.BatchNorm1d):
+            out.append(("BatchNorm1d", m.affine))
+        else:
+            out.append((type(m).__name__,))
+    return out
+
+
+# The authors' _build_mlp(2, ...): Linear(bias=False) -> BN -> ReLU -> Linear(bias=False) [-> BN(affine=False)]
+PROJECTOR = [("Linear", False), ("BatchNorm1d", True), ("ReLU",), ("Linear", False), ("BatchNorm1d", False)]
+PREDICTOR = PROJECTOR[:-1]
+
+
+def test_mlp_head_layers_as_the_authors():
+    projector = MLPHead(5, 9, 4, final_bn=True)
+    assert _layout(projector) == PROJECTOR
+    assert _layout(MLPHead(4, 9, 4, final_bn=False)) == PREDICTOR
+    assert _layout(MLPHead(5, 9, 4, final_bn=False, bias=True)) == [("Linear", True), ("BatchNorm1d", True),
+                                                                     ("ReLU",), ("Linear", True)]
+    out = projector.train()(torch.randn(6, 5) * 3 + 1)
+    assert out.shape == (6, 4)
+    # the last BatchNorm centres and scales each output over the batch
+    torch.testing.assert_close(out.mean(0), torch.zeros(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.var(0, unbiased=False), torch.ones(4), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("make", [lambda: SentenceHeads(12, 10, mlp_hidden=16, out_dim=8),
+                                  lambda: StructureHeads(12, 10, mlp_hidden=16, out_dim=8)])
+def test_heads_are_projector_predictor_and_frozen_projector(make):
+    heads = make().train()
+    assert _layout(heads.g) == PROJECTOR and _layout(heads.g_T) == PROJECTOR and _layout(heads.q) == PREDICTOR
+    assert heads.g.net[0].in_features == 12 and heads.g_T.net[0].in_features == 10
+    assert heads.q.net[0].in_features == 8 and heads.q.net[3].out_features == 8
+    s, t = torch.randn(6, 12), torch.randn(6, 10)
+    z, zt = heads(s, t)
+    # the student side is the predictor applied to the projector (batch statistics: deterministic)
+    torch.testing.assert_close(z, heads.q(heads.g(s)))
+    torch.testing.assert_close(zt, heads.g_T(t))
 
 
 def test_sentence_heads_shapes_and_teacher_gets_no_grad():
@@ -364,7 +485,7 @@ def test_sentence_teacher_init_ignores_global_seed():
 def test_sentence_and_structure_teacher_heads_independent_with_one_seed():
     sent = SentenceHeads(8, 8, mlp_hidden=16, out_dim=4, teacher_seed=0)
     struct = StructureHeads(8, 8, mlp_hidden=16, out_dim=4, teacher_seed=0)
-    assert not torch.equal(sent.g_T.net[0].weight, struct.teacher_head.net[0].weight)
+    assert not torch.equal(sent.g_T.net[0].weight, struct.g_T.net[0].weight)
 
 
 def test_sentence_ema_requires_equal_sizes():
@@ -514,17 +635,17 @@ def test_structure_rejects_half_given_cols():
 
 def test_structure_heads():
     heads = StructureHeads(12, 10, mlp_hidden=16, out_dim=8, teacher_seed=3).train()
-    bn = heads.teacher_head.net[1]
+    bn = heads.g_T.net[1]
     before = bn.running_mean.clone()
     u, v = heads(torch.randn(5, 12), torch.randn(5, 10) + 2)
     assert u.shape == (5, 8) and v.shape == (5, 8) and not v.requires_grad
     assert not torch.equal(bn.running_mean, before)
     structure_kl_loss(u, v).backward()
-    assert all(not p.requires_grad and p.grad is None for p in heads.teacher_head.parameters())
-    assert heads.student_head.net[0].weight.grad.abs().sum() > 0
+    assert all(not p.requires_grad and p.grad is None for p in heads.g_T.parameters())
+    assert heads.g.net[0].weight.grad.abs().sum() > 0 and heads.q.net[0].weight.grad.abs().sum() > 0
     torch.manual_seed(123)
     again = StructureHeads(12, 10, mlp_hidden=16, out_dim=8, teacher_seed=3)
-    torch.testing.assert_close(again.teacher_head.net[0].weight, heads.teacher_head.net[0].weight)
+    torch.testing.assert_close(again.g_T.net[0].weight, heads.g_T.net[0].weight)
 
 
 def test_heads_accept_half_teacher_inputs():

@@ -200,8 +200,8 @@ def test_gradients_reach_student_and_trained_heads_only(student_tokenizer, sampl
     assert student.cls.predictions.transform.dense.weight.grad.abs().sum() > 0  # the MLM head
     assert has_grad(model.word_map)
     assert has_grad(model.sentence_heads.g) and has_grad(model.sentence_heads.q)
-    assert has_grad(model.structure_heads.student_head)
-    for frozen in (model.sentence_heads.g_T, model.structure_heads.teacher_head):
+    assert has_grad(model.structure_heads.g) and has_grad(model.structure_heads.q)
+    for frozen in (model.sentence_heads.g_T, model.structure_heads.g_T):
         params = list(frozen.parameters())
         assert params and all(not p.requires_grad and p.grad is None for p in params)
 

@@ -51,8 +51,9 @@ def shard_bytes(out_dir: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out_dir.glob("shard-*.tar"))}
 
 
-def naive_word_vectors(model, tokenizer, words: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """One sentence, no padding, a Python loop over words: the plainest possible reference."""
+def naive_word_vectors(model, tokenizer, words: list[str], pooling: str = "first") -> tuple[np.ndarray, np.ndarray]:
+    """One sentence, no padding, a Python loop over words: the plainest possible reference.
+    Each word's first subword (the default teacher.pooling) or the mean of its subwords."""
     enc = tokenizer(words, is_split_into_words=True, return_tensors="pt")
     with torch.no_grad():
         hidden = model(**enc).last_hidden_state[0]
@@ -60,7 +61,7 @@ def naive_word_vectors(model, tokenizer, words: list[str]) -> tuple[np.ndarray, 
     vecs = []
     for w in range(len(words)):
         rows = [t for t, i in enumerate(ids) if i == w]
-        vecs.append(hidden[rows].mean(0).numpy())
+        vecs.append((hidden[rows[0]] if pooling == "first" else hidden[rows].mean(0)).numpy())
     return hidden[0].numpy(), np.stack(vecs)
 
 

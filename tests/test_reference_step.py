@@ -59,7 +59,8 @@ def corpus_samples():
 CASES = [
     ("eval", torch.float32, 24, {"word_pooling": "first", "word_sim": "dot"}, "mean"),  # reference choices; word_map
     ("train", torch.float64, 32,
-     {"word_pooling": "mean", "word_sim": "cosine", "word_tau": 0.1, "structure_tau": 0.1}, "first"),
+     {"word_pooling": "mean", "word_sim": "cosine", "word_tau": 0.1, "structure_tau": 0.1,
+      "word_anchor": "student", "word_reduction": "word"}, "first"),  # the project's first word-loss form
 ]
 
 

@@ -152,6 +152,6 @@ def test_manifest_teacher_mismatch_names_the_field(tmp_path):
     make_shards(tmp_path, UNEVEN)
     cfg = StreamConfig(batch_size=3)
     with pytest.raises(ManifestError, match=r"teacher\.pooling"):
-        build_loader(cfg, TeacherConfig(name="tiny-teacher", pooling="first"), ProcessPlace(0, 1, 0), tmp_path)
+        build_loader(cfg, TeacherConfig(name="tiny-teacher", pooling="mean"), ProcessPlace(0, 1, 0), tmp_path)
     with pytest.raises(ManifestError, match=r"teacher\.name"):
         build_loader(cfg, TeacherConfig(name="bert-base-cased"), ProcessPlace(0, 1, 0), tmp_path)

@@ -356,3 +356,42 @@ def test_env_var_sets_default_backend(monkeypatch):
     monkeypatch.setenv("MMKD_KERNELS", "cuda-please")
     with pytest.raises(ValueError, match="MMKD_KERNELS"):
         word_pool(hidden, ids, W, "mean")
+
+
+# ------------------------------------------------------------------------------------------
+# The word loss on top of the pooling: both backends, both anchors
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pooling", ["first", "mean"])
+@pytest.mark.parametrize("anchor", ["teacher", "student"])
+def test_word_loss_gradient_through_both_backends(pooling, anchor):
+    """With the authors' teacher anchor every real word's subwords get gradient (the unmasked
+    ones as negatives of the softmax over student words); with the student anchor only the
+    scored words do. Triton and torch agree, and specials and padding get none either way."""
+    from mmkd_ds.losses import word_infonce_loss
+
+    ids, W, D = case_odd()
+    hidden = make_hidden(ids, D, torch.float32, seed=3) * 0.3
+    teacher = torch.randn(ids.shape[0], W, D, generator=torch.Generator().manual_seed(4)) * 0.3
+    grads = {}
+    for backend in ("triton", "torch"):
+        h = hidden.clone().requires_grad_(True)
+        pooled, counts = word_pool(h, ids, W, pooling, backend=backend)
+        valid = counts > 0
+        target = torch.zeros_like(valid)
+        target[0, 1] = target[1, 3] = True  # one scored word in each sentence with words
+        loss = word_infonce_loss(pooled, teacher, valid, target, anchor=anchor)
+        loss.backward()
+        grads[backend] = h.grad
+    torch.testing.assert_close(grads["triton"], grads["torch"], rtol=1e-5, atol=1e-6)
+    g = grads["torch"].abs().sum(-1)  # [B, L]
+    assert torch.all(g[ids < 0] == 0)  # specials, padding and the word-less row
+    scored_tokens = ((ids[0] == 1).nonzero().flatten(), (ids[1] == 3).nonzero().flatten())
+    assert g[0, scored_tokens[0][0]] > 0 and g[1, scored_tokens[1][0]] > 0
+    other = (ids[0] >= 0) & (ids[0] != 1)  # the unscored words of sentence 0
+    first_of_other = [int((ids[0] == w).nonzero()[0]) for w in ids[0][other].unique().tolist()]
+    if anchor == "teacher":
+        assert all(g[0, t] > 0 for t in first_of_other)
+    else:
+        assert torch.all(g[0][other] == 0)

@@ -114,8 +114,9 @@ class TeacherConfig:
     revision: str = "main"
     # Which hidden layer feeds the word and [CLS] vectors: -1 is the last.
     layer: int = -1
-    # Subword -> word pooling: "mean" (of the word's subwords) or "first" (first subword).
-    pooling: str = "mean"
+    # Subword -> word pooling: "first" (the word's first subword, as the authors' code) or
+    # "mean" (of the word's subwords).
+    pooling: str = "first"
     # Storage dtype of the vectors in the shards: "float16" (half of float32; .npy has no bf16),
     # "float32", or "int8" (per-row symmetric quantisation with a scale per vector: half of
     # float16 again, at a relative error near 1% per vector; see the README's shard format).
@@ -224,7 +225,7 @@ class StudentConfig:
 
 @dataclass
 class LossConfig:
-    """The four MMKD objectives (DESIGN.md). Defaults follow the reference method."""
+    """The four MMKD objectives (docs/design.md). Defaults follow the authors' code (docs/fidelity.md)."""
 
     # Objective weights; 0 skips that objective's work entirely.
     token_weight: float = 1.0
@@ -236,6 +237,9 @@ class LossConfig:
     # Word level: whole-word masking of the English side, 15% of words, at most 25%.
     word_mask_prob: float = 0.15
     word_mask_max: float = 0.25
+    # What the chosen words' subwords become: "bert" (each subword 80% [MASK], 10% a random
+    # token, 10% kept: the authors' code) or "mask" (all [MASK]).
+    word_mask_mode: str = "bert"
     # Student subword -> word pooling ("first": the reference; "mean").
     word_pooling: str = "first"
     # Similarity of student and teacher word vectors: "dot" (reference) or "cosine" (/ word_tau).
@@ -243,9 +247,22 @@ class LossConfig:
     word_tau: float = 1.0
     # Which words the InfoNCE loss averages over: "masked" (reference) or "all".
     word_targets: str = "masked"
-    # Sentence and structure heads: MLP hidden width m and output width.
-    head_hidden: int = 2048
+    # The InfoNCE anchor: "teacher" (the authors': each teacher word picks its student word
+    # among the student's words of the sentence, so unmasked student words get gradient as
+    # negatives) or "student" (each student word picks its teacher word among the teacher's).
+    word_anchor: str = "teacher"
+    # "sentence" (the authors': mean over each sentence's scored words, then over the sentences
+    # that have one) or "word" (one mean over every scored word of the batch).
+    word_reduction: str = "sentence"
+    # Sentence and structure heads (the authors' _build_mlp): MLP hidden width m (their
+    # --mmkd-mlp-dim) and output width (--mmkd-dim).
+    head_hidden: int = 768
     head_out: int = 128
+    # Projectors end in BatchNorm1d(affine=False), which centres and whitens their outputs over
+    # the batch (the authors'); false drops it (the project's first heads).
+    head_final_bn: bool = True
+    # Linear layers of the heads with a bias (false: the authors').
+    head_bias: bool = False
     # Teacher-side heads: "frozen" at a seeded initialisation (reference; BatchNorm statistics
     # still update) or "ema" of the student's heads (only when hidden sizes match).
     teacher_head: str = "frozen"
@@ -275,6 +292,9 @@ class LossConfig:
             "word_pooling": ("first", "mean"),
             "word_sim": ("dot", "cosine"),
             "word_targets": ("masked", "all"),
+            "word_mask_mode": ("bert", "mask"),
+            "word_anchor": ("teacher", "student"),
+            "word_reduction": ("sentence", "word"),
             "teacher_head": ("frozen", "ema"),
             "structure_columns": ("local", "global"),
             "kernels": ("auto", "triton", "torch"),
@@ -302,15 +322,27 @@ class TrainConfig:
     teacher_mode: str = "precomputed"
     # Optimizer steps (each of grad_accum micro-batches); the schedule spans them.
     steps: int = 200
+    # Run length in passes over the shards instead (> 0 replaces `steps`): steps =
+    # round(epochs * batches per epoch / grad_accum), printed at start-up.
+    epochs: float = 0.0
     # Stop this job at this step with a checkpoint, as if preempted (0: run to `steps`). For
     # jobs in fixed time slots: the next job continues with --resume on the same schedule.
     stop_at: int = 0
     grad_accum: int = 1
+    # Peak learning rate; with lr_scaling "linear" the base of lr * global batch / 256 (the
+    # authors' rule: global batch = stream.batch_size * ranks * grad_accum).
     lr: float = 5e-5
+    lr_scaling: str = "none"
     weight_decay: float = 0.01
+    # Which parameters AdamW decays: "matrices" (not biases, LayerNorm/BatchNorm weights or
+    # other 1-d parameters, as BERT) or "all" (every parameter, as the authors' code).
+    weight_decay_on: str = "matrices"
     # Linear warm-up over warmup_steps, then "linear" decay to 0 or "cosine", or "constant".
     warmup_steps: int = 20
+    # Warm-up in epochs instead (> 0 replaces `warmup_steps`).
+    warmup_epochs: float = 0.0
     schedule: str = "linear"
+    # Clip the global gradient norm to this (0: no clipping, as the authors' code).
     grad_clip: float = 1.0
     # "auto": bf16 on CUDA, fp32 on CPU; or force "bf16", "fp16", "fp32".
     precision: str = "auto"
@@ -333,6 +365,15 @@ class TrainConfig:
             raise ConfigError(f"{key}.teacher_mode", f"must be precomputed or online, got {self.teacher_mode!r}")
         if self.schedule not in ("linear", "cosine", "constant"):
             raise ConfigError(f"{key}.schedule", f"must be linear, cosine or constant, got {self.schedule!r}")
+        if self.lr_scaling not in ("none", "linear"):
+            raise ConfigError(f"{key}.lr_scaling", f"must be none or linear, got {self.lr_scaling!r}")
+        if self.weight_decay_on not in ("matrices", "all"):
+            raise ConfigError(f"{key}.weight_decay_on", f"must be matrices or all, got {self.weight_decay_on!r}")
+        for name in ("epochs", "warmup_epochs"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{key}.{name}", "must be >= 0")
+        if self.epochs and self.warmup_epochs >= self.epochs:
+            raise ConfigError(f"{key}.warmup_epochs", "must be below train.epochs")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise ConfigError(f"{key}.precision", f"must be auto, bf16, fp16 or fp32, got {self.precision!r}")
         for name in ("steps", "grad_accum", "log_every", "max_bad_steps"):

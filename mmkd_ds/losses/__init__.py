@@ -2,17 +2,20 @@
 
 - token:     :func:`tlm_loss`
 - word:      :func:`word_infonce_loss`
-- sentence:  :func:`byol_loss`, :class:`ProjectionMLP`, :class:`SentenceHeads`
+- sentence:  :func:`byol_loss`, :class:`SentenceHeads`
+- heads:     :class:`MLPHead` (the authors' ``_build_mlp``), :class:`BYOLHeads`
 - structure: :func:`structure_kl_loss` (materialised reference), :class:`StructureHeads`
 """
 
-from .sentence import ProjectionMLP, SentenceHeads, byol_loss
+from .heads import BYOLHeads, MLPHead
+from .sentence import SentenceHeads, byol_loss
 from .structure import StructureHeads, structure_kl_loss
 from .token import tlm_loss
 from .word import word_infonce_loss
 
 __all__ = [
-    "ProjectionMLP",
+    "BYOLHeads",
+    "MLPHead",
     "SentenceHeads",
     "StructureHeads",
     "byol_loss",

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
+
+from .heads import BYOLHeads
 
 _TEACHER_HEADS = ("frozen", "ema")
 
@@ -40,69 +42,20 @@ def byol_loss(z: Tensor, z_teacher: Tensor) -> Tensor:
     return per_row.sum() / max(z.shape[0], 1)
 
 
-class ProjectionMLP(nn.Module):
-    """``Linear(in, hidden) -> BatchNorm1d(hidden) -> ReLU -> Linear(hidden, out)``.
-
-    Input ``[B, in_dim]``, output ``[B, out_dim]``. Note BatchNorm1d in training mode needs
-    B >= 2 (torch raises on a batch of one).
-    """
-
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim),
-            nn.BatchNorm1d(hidden_dim),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden_dim, out_dim),
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        # Follow the weights' dtype (teacher [CLS] vectors come from shards in fp16 while the
-        # heads may be fp32, or the reverse under a bf16 engine).
-        return self.net(x.to(self.net[0].weight.dtype))
-
-    @torch.no_grad()
-    def reset_parameters_seeded(self, seed: int) -> None:
-        """Re-initialise from a local generator: independent of the global RNG state.
-
-        Linear weights and biases get PyTorch's default distribution
-        (uniform +-1/sqrt(fan_in)); BatchNorm goes back to weight 1, bias 0, fresh statistics.
-        Values are drawn on the CPU and copied, so the result does not depend on the device.
-        """
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(seed)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                bound = 1.0 / m.in_features**0.5
-                for p in (m.weight, m.bias):
-                    if p is not None:
-                        v = torch.empty(p.shape, dtype=torch.float32).uniform_(-bound, bound, generator=gen)
-                        p.copy_(v)
-            elif isinstance(m, nn.BatchNorm1d):
-                m.reset_parameters()
-
-
-def frozen_head(in_dim: int, hidden_dim: int, out_dim: int, seed: int, salt: int) -> ProjectionMLP:
-    """A ProjectionMLP at a seeded init with every parameter's requires_grad False."""
-    head = ProjectionMLP(in_dim, hidden_dim, out_dim)
-    # Mix seed and salt into one 63-bit value: same (seed, salt) -> same weights.
-    head.reset_parameters_seeded((seed * 0x9E3779B97F4A7C15 + salt) % (1 << 63))
-    head.requires_grad_(False)
-    return head
-
-
-class SentenceHeads(nn.Module):
-    """Projector g, predictor q (trained) and teacher-side projector g_T (no gradient).
+class SentenceHeads(BYOLHeads):
+    """The sentence level's heads (:class:`~mmkd_ds.losses.heads.BYOLHeads`): projector g,
+    predictor q (trained) and teacher-side projector g_T (no gradient).
 
     Args:
         student_hidden: H_S, size of the student's [CLS] vector.
         teacher_hidden: H_T, size of the teacher's [CLS] vector.
-        mlp_hidden: m, hidden width of the three MLPs.
+        mlp_hidden: m, hidden width of the three MLPs (768 as the authors').
         out_dim: size of z and z' (128 in the paper).
         teacher_seed: seed of g_T's initialisation (local generator, global RNG untouched).
         teacher_head: ``"frozen"`` (reference: g_T stays at its init) or ``"ema"`` (g_T tracks
             g through :meth:`update_ema`; requires ``student_hidden == teacher_hidden``).
         ema_decay: decay of the EMA, in [0, 1].
+        final_bn, bias: the heads' form (see :class:`~mmkd_ds.losses.heads.MLPHead`).
 
     g_T is a child module, so ``.train()``/``.eval()`` reach it: in training mode it normalises
     with batch statistics and updates its running statistics (under no_grad), as in the
@@ -114,13 +67,14 @@ class SentenceHeads(nn.Module):
         self,
         student_hidden: int,
         teacher_hidden: int,
-        mlp_hidden: int = 2048,
+        mlp_hidden: int = 768,
         out_dim: int = 128,
         teacher_seed: int = 0,
         teacher_head: str = "frozen",
         ema_decay: float = 0.99,
+        final_bn: bool = True,
+        bias: bool = False,
     ) -> None:
-        super().__init__()
         if teacher_head not in _TEACHER_HEADS:
             raise ValueError(f"teacher_head must be one of {_TEACHER_HEADS}, got {teacher_head!r}")
         if teacher_head == "ema" and student_hidden != teacher_hidden:
@@ -132,23 +86,12 @@ class SentenceHeads(nn.Module):
             )
         if not 0.0 <= ema_decay <= 1.0:
             raise ValueError(f"ema_decay must be in [0, 1], got {ema_decay}")
-        self.teacher_head = teacher_head
-        self.ema_decay = float(ema_decay)
-        self.g = ProjectionMLP(student_hidden, mlp_hidden, out_dim)
-        self.q = ProjectionMLP(out_dim, mlp_hidden, out_dim)
         # In "ema" mode g_T also starts from its seeded init (not a copy of g) and is pulled
         # toward g by update_ema.
-        self.g_T = frozen_head(teacher_hidden, mlp_hidden, out_dim, teacher_seed, SENTENCE_SEED_SALT)
-
-    def forward(self, student_cls: Tensor, teacher_cls: Tensor) -> tuple[Tensor, Tensor]:
-        """``student_cls [B, H_S]``, ``teacher_cls [B, H_T]`` -> ``(z [B, out], z' [B, out])``.
-
-        z' carries no graph (computed under no_grad); z is the one to train.
-        """
-        z = self.q(self.g(student_cls))
-        with torch.no_grad():
-            z_teacher = self.g_T(teacher_cls)
-        return z, z_teacher
+        super().__init__(student_hidden, teacher_hidden, mlp_hidden, out_dim, teacher_seed,
+                         SENTENCE_SEED_SALT, final_bn=final_bn, bias=bias)
+        self.teacher_head = teacher_head
+        self.ema_decay = float(ema_decay)
 
     @torch.no_grad()
     def update_ema(self) -> None:

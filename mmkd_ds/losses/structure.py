@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import importlib
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .sentence import STRUCTURE_SEED_SALT, ProjectionMLP, frozen_head
+from .heads import BYOLHeads
+from .sentence import STRUCTURE_SEED_SALT
 
 # The module, not the function the package could shadow it with.
 _kernel = importlib.import_module("mmkd_ds.kernels.structure_kl")
@@ -49,32 +49,26 @@ def structure_kl_loss(
     )
 
 
-class StructureHeads(nn.Module):
-    """The structure level's own head pair, independent of the sentence heads.
+class StructureHeads(BYOLHeads):
+    """The structure level's own heads, independent of the sentence heads (as the authors'
+    ``base_projector2``, ``predictor2`` and ``momentum_projector2``).
 
-    ``student_head``: H_S -> m -> out, trained. ``teacher_head``: H_T -> m -> out, frozen at a
-    seeded init (local generator; salted differently from SentenceHeads.g_T, so the two
-    teacher heads differ even with one seed), BatchNorm statistics still updating in training
-    mode. Hand the optimizer only the parameters with ``requires_grad``.
+    ``forward(student_cls [B, H_S], teacher_cls [B, H_T]) -> (u [B, out], v [B, out])`` with
+    ``u = q(g(student_cls))`` (predictor on projector, trained) and ``v = g_T(teacher_cls)``
+    (projector frozen at a seeded init, salted differently from the sentence level's g_T so the
+    two differ even with one seed; BatchNorm statistics still update in training mode). Hand
+    the optimizer only the parameters with ``requires_grad``.
     """
 
     def __init__(
         self,
         student_hidden: int,
         teacher_hidden: int,
-        mlp_hidden: int = 2048,
+        mlp_hidden: int = 768,
         out_dim: int = 128,
         teacher_seed: int = 0,
+        final_bn: bool = True,
+        bias: bool = False,
     ) -> None:
-        super().__init__()
-        self.student_head = ProjectionMLP(student_hidden, mlp_hidden, out_dim)
-        self.teacher_head = frozen_head(
-            teacher_hidden, mlp_hidden, out_dim, teacher_seed, STRUCTURE_SEED_SALT
-        )
-
-    def forward(self, student_cls: Tensor, teacher_cls: Tensor) -> tuple[Tensor, Tensor]:
-        """``student_cls [B, H_S]``, ``teacher_cls [B, H_T]`` -> ``(u [B, out], v [B, out])``."""
-        u = self.student_head(student_cls)
-        with torch.no_grad():
-            v = self.teacher_head(teacher_cls)
-        return u, v
+        super().__init__(student_hidden, teacher_hidden, mlp_hidden, out_dim, teacher_seed,
+                         STRUCTURE_SEED_SALT, final_bn=final_bn, bias=bias)

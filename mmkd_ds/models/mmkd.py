@@ -96,13 +96,15 @@ class MMKDModel(nn.Module):
             mlm_head(student)  # fail now, not at the first step
         # The word level compares student and teacher word vectors in the teacher's space.
         self.word_map = nn.Linear(hidden, teacher_hidden) if (loss.word_weight > 0 and hidden != teacher_hidden) else None
+        form = {"final_bn": loss.head_final_bn, "bias": loss.head_bias}
         self.sentence_heads = (
             SentenceHeads(hidden, teacher_hidden, loss.head_hidden, loss.head_out, loss.teacher_head_seed,
-                          loss.teacher_head, loss.ema_decay)
+                          loss.teacher_head, loss.ema_decay, **form)
             if loss.sentence_weight > 0 else None
         )
+        # The structure level's own projector + predictor (student) and frozen projector (teacher).
         self.structure_heads = (
-            StructureHeads(hidden, teacher_hidden, loss.head_hidden, loss.head_out, loss.teacher_head_seed)
+            StructureHeads(hidden, teacher_hidden, loss.head_hidden, loss.head_out, loss.teacher_head_seed, **form)
             if loss.structure_weight > 0 else None
         )
         encoder_args = inspect.signature(student.base_model.forward).parameters
@@ -142,6 +144,8 @@ class MMKDModel(nn.Module):
                 batch["word_target"],
                 sim=self.loss_cfg.word_sim,
                 tau=self.loss_cfg.word_tau,
+                anchor=self.loss_cfg.word_anchor,
+                reduction=self.loss_cfg.word_reduction,
             )
             offset += rows["word"]
         if rows["sent"]:

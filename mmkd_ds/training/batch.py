@@ -4,7 +4,7 @@ The student runs ONE encoder forward per step over up to three groups of rows, s
 padded to a common length (under ZeRO-3 that is one parameter gather instead of three):
 
     tlm rows   [CLS] e [SEP] x [SEP] with 15% of tokens selected (80/10/10)   token level
-    word rows  [CLS] e' [SEP] x [SEP], e' = e with whole words masked          word level
+    word rows  [CLS] e' [SEP] x [SEP], e' = e with whole words masked (80/10/10) word level
     sent rows  [CLS] x [SEP]                                                   sentence + structure
 
 A group whose objectives all have weight 0 is left out. Masking draws from a generator seeded
@@ -185,9 +185,7 @@ class MMKDCollator:
                 target[i, masked] = True
                 if self.loss.word_targets == "all":
                     target[i] = valid[i]
-                masked_set = set(masked)
-                ids = [self.tok.mask_token_id if w in masked_set else t for t, w in zip(pair_ids[i], e_word_of[i])]
-                rows.append(ids)
+                rows.append(self._mask_words(pair_ids[i], e_word_of[i], set(masked), rng))
                 types.append(pair_types[i])
                 word_pos.append(e_word_of[i])
             batch["word_valid"] = valid
@@ -247,12 +245,34 @@ class MMKDCollator:
             chosen = [candidates[int(rng.integers(len(candidates)))]]
         for t in chosen:
             labels[t] = ids[t]
-            u = rng.random()
-            if u < 0.8:
-                out[t] = self.tok.mask_token_id
-            elif u < 0.9:
-                out[t] = int(rng.integers(self.vocab_size))
+            out[t] = self._corrupt(ids[t], rng)
         return out, labels
+
+    def _corrupt(self, token: int, rng: np.random.Generator) -> int:
+        """BERT's replacement of a selected token: 80% [MASK], 10% a random token, 10% kept."""
+        u = rng.random()
+        if u < 0.8:
+            return self.tok.mask_token_id
+        if u < 0.9:
+            return self._random_token(rng)
+        return token
+
+    def _random_token(self, rng: np.random.Generator) -> int:
+        """A vocabulary id drawn uniformly among the non-special tokens (as the authors' code)."""
+        while True:
+            t = int(rng.integers(self.vocab_size))
+            if t not in self.special_ids:
+                return t
+
+    def _mask_words(self, ids: list[int], word_of: list[int], masked: set[int], rng: np.random.Generator) -> list[int]:
+        """A word row's ids with the subwords of the ``masked`` English words replaced.
+
+        ``loss.word_mask_mode``: "bert" draws each subword's fate on its own (80% [MASK], 10%
+        random, 10% kept: the authors' ``whole_word_random_mask``); "mask" makes them all [MASK].
+        """
+        if self.loss.word_mask_mode == "mask":
+            return [self.tok.mask_token_id if w in masked else t for t, w in zip(ids, word_of)]
+        return [self._corrupt(t, rng) if w in masked else t for t, w in zip(ids, word_of)]
 
     def _pick_words(self, candidates: list[int], rng: np.random.Generator) -> list[int]:
         """Whole-word masking: round(word_mask_prob * n) words, at least 1, at most word_mask_max * n."""

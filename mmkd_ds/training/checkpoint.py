@@ -22,7 +22,7 @@ from mmkd_ds.config.loader import config_to_dict
 from mmkd_ds.config.schema import RunConfig
 
 # Settings that may change between a run and its resumption without changing what it computes.
-_RESUME_FREE = {"train.steps", "train.stop_at", "train.log_every", "train.eval_every", "train.save_every", "train.keep_checkpoints",
+_RESUME_FREE = {"train.steps", "train.epochs", "train.stop_at", "train.log_every", "train.eval_every", "train.save_every", "train.keep_checkpoints",
                 "train.export", "train.allow_resume_changes", "stream.num_workers", "precompute.progress"}
 
 

@@ -34,7 +34,7 @@ from mmkd_ds.training.checkpoint import (
 from mmkd_ds.training.data import build_train_loader, teacher_hidden_size
 from mmkd_ds.training.ds_config import build_ds_config
 from mmkd_ds.training.metrics import MetricsLogger, memory_scalars
-from mmkd_ds.training.optim import build_optimizer, build_scheduler
+from mmkd_ds.training.optim import Schedule, build_optimizer, build_scheduler, fixed_schedule, resolve_schedule
 from mmkd_ds.training.preemption import PreemptionFlag
 
 log = logging.getLogger("mmkd_ds.train")
@@ -89,15 +89,18 @@ def build_model(cfg: RunConfig, student: nn.Module, teacher_hidden: int) -> MMKD
     return model
 
 
-def build_engine(cfg: RunConfig, model: nn.Module, ds_config_path: str | None, world_size: int, device_type: str):
+def build_engine(cfg: RunConfig, model: nn.Module, ds_config_path: str | None, world_size: int, device_type: str,
+                 schedule: Schedule | None = None):
     """``(engine, ds_config, notes)``: the DeepSpeed engine with ZeRO from the JSON and the
     hyper-parameters (optimizer, schedule, batch, precision) from the run config; ``notes`` say
-    where the YAML overrode the JSON."""
+    where the YAML overrode the JSON. ``schedule``: the resolved run length and peak lr
+    (default: ``train.steps``, ``train.warmup_steps`` and ``train.lr`` as they are)."""
     import deepspeed
 
+    schedule = schedule or fixed_schedule(cfg.train)
     ds_config, notes = build_ds_config(ds_config_path, cfg, world_size, device_type)
-    optimizer = build_optimizer(model, cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train)
+    optimizer = build_optimizer(model, cfg.train, schedule.lr)
+    scheduler = build_scheduler(optimizer, schedule)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     return engine, ds_config, notes
 
@@ -182,8 +185,13 @@ def train(cfg: RunConfig, ds_config_path: str | None, resume: bool = False) -> T
 
         heldout = build_heldout(cfg.data).pairs
 
+    # The run's length and peak lr (epochs and lr scaling need the stream's batch count).
+    schedule = resolve_schedule(cfg.train, loader.batches_per_epoch, cfg.stream.batch_size, place.world_size)
+    if place.is_main:
+        tqdm.write(schedule.line(cfg.train))
+
     # The engine: ZeRO from the JSON, hyper-parameters from the run config.
-    engine, ds_config, notes = build_engine(cfg, model, ds_config_path, place.world_size, device.type)
+    engine, ds_config, notes = build_engine(cfg, model, ds_config_path, place.world_size, device.type, schedule)
     if teacher is not None and ds_config["bf16"]["enabled"]:
         teacher.model.to(torch.bfloat16)
     metrics = MetricsLogger(engine, out_dir, place.is_main)
@@ -219,7 +227,7 @@ def train(cfg: RunConfig, ds_config_path: str | None, resume: bool = False) -> T
         run_heldout_eval(engine, tokenizer, heldout, device, 0, metrics, place.is_main)
 
     batches = iter(loader)
-    bar = tqdm(total=cfg.train.steps, initial=step, unit="step", desc="distill", disable=not place.is_main)
+    bar = tqdm(total=schedule.steps, initial=step, unit="step", desc="distill", disable=not place.is_main)
     started = time.perf_counter()
     samples_done, bad_in_a_row, preempted, last_tag = 0, 0, False, None
     last_losses: dict[str, float] = {}
@@ -227,7 +235,7 @@ def train(cfg: RunConfig, ds_config_path: str | None, resume: bool = False) -> T
     pending: list[tuple[int, dict]] = []  # per-step losses, kept on device until the next log
     bn_buffers = batchnorm_buffers(engine.module)
 
-    last_step = min(cfg.train.steps, cfg.train.stop_at) if cfg.train.stop_at else cfg.train.steps
+    last_step = min(schedule.steps, cfg.train.stop_at) if cfg.train.stop_at else schedule.steps
     while step < last_step:
         step_start = time.perf_counter()
         wait = 0.0
@@ -270,7 +278,7 @@ def train(cfg: RunConfig, ds_config_path: str | None, resume: bool = False) -> T
         window["steps"] += 1
         pending.append((step, {k: v / cfg.train.grad_accum for k, v in sums.items() if k in losses or k == "total"}))
 
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+        if step % cfg.train.log_every == 0 or step == schedule.steps:
             samples, tokens, seconds = global_sum([window["samples"], window["tokens"], window["time"]], device)
             seconds /= place.world_size
             samples_done += int(samples)
@@ -299,7 +307,7 @@ def train(cfg: RunConfig, ds_config_path: str | None, resume: bool = False) -> T
             if place.is_main:
                 tqdm.write(f"step {step}: {preemption.signal_name or 'SIGTERM'} received, checkpoint {last_tag} saved")
             break
-        if step == cfg.train.stop_at and step < cfg.train.steps:
+        if step == cfg.train.stop_at and step < schedule.steps:
             last_tag = checkpoint()
             preempted = True
             if place.is_main:
