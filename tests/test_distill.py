@@ -142,6 +142,7 @@ def test_train_resume_and_export(setup, tmp_path, stage):
     evals = read_metrics(full / "metrics.jsonl", kind="eval")
     assert [r["step"] for r in evals] == [0, 3, 6]
     assert all(0 <= r["eval/retrieval_avg"] <= 1 and "eval/retrieval_sw" in r for r in evals)
+    assert all(0 <= r["eval/retrieval_mean_avg"] <= 1 and "eval/retrieval_mean_sw" in r for r in evals)
 
     # TensorBoard received the same scalars through the engine's monitor.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

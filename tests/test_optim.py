@@ -72,8 +72,38 @@ def test_weight_decay_on_matrices_or_all():
     assert all(p.ndim == 2 for p in decayed["params"]) and all(p.ndim == 1 for p in exempt["params"])
     assert len(decayed["params"]) + len(exempt["params"]) == len(trainable)
     everything = build_optimizer(heads, TrainConfig(weight_decay=0.01, weight_decay_on="all"))
+    assert len(everything.param_groups) == 1  # the empty no-decay group is left out
     assert len(everything.param_groups[0]["params"]) == len(trainable)
-    assert not everything.param_groups[1]["params"]
     # the frozen teacher projector is never handed to the optimizer
     frozen = {id(p) for p in heads.g_T.parameters()}
     assert not frozen & {id(p) for g in everything.param_groups for p in g["params"]}
+
+
+def test_encoder_lr_scale_and_head_warmup(student_tokenizer):
+    """The student encoder (pretrained) gets its own lr: 0 while the new parameters warm up,
+    then encoder_lr_scale times theirs; the new parameters follow the plain schedule."""
+    from test_model import make_student  # a tiny BertForMaskedLM
+    from mmkd_ds.config.schema import LossConfig
+    from mmkd_ds.models.mmkd import MMKDModel
+
+    model = MMKDModel(make_student(student_tokenizer, 16), 16, LossConfig(head_hidden=8, head_out=4))
+    cfg = TrainConfig(lr=1e-3, steps=10, warmup_steps=2, schedule="constant", encoder_lr_scale=0.1,
+                      head_warmup_steps=4)
+    s = resolve_schedule(cfg, 100, 4, 1)
+    opt = build_optimizer(model, cfg, s.lr)
+    parts = {g["part"] for g in opt.param_groups}
+    assert parts == {"encoder", "new"}
+    encoder = {id(p) for p in model.student.bert.parameters()}
+    for g in opt.param_groups:  # the split follows student.base_model
+        assert all((id(p) in encoder) == (g["part"] == "encoder") for p in g["params"])
+    assert any(id(p) == id(model.student.cls.predictions.transform.dense.weight)
+               for g in opt.param_groups if g["part"] == "new" for p in g["params"])
+    sched = build_scheduler(opt, s)
+    seen = []
+    for _ in range(6):
+        seen.append({g["part"]: g["lr"] for g in opt.param_groups})
+        opt.step()
+        sched.step()
+    assert [round(r["new"] / 1e-3, 6) for r in seen] == [0.5, 1, 1, 1, 1, 1]
+    assert [round(r["encoder"] / 1e-3, 6) for r in seen] == [0, 0, 0, 0, 0.1, 0.1]
+    assert "encoder lr x0.1, held at 0 for the first 4 steps" in s.line(cfg)

@@ -342,6 +342,12 @@ class TrainConfig:
     # Warm-up in epochs instead (> 0 replaces `warmup_steps`).
     warmup_epochs: float = 0.0
     schedule: str = "linear"
+    # The pretrained student encoder's lr relative to the new parameters (MLM head, sentence and
+    # structure heads, word map): below 1 it moves more slowly than the freshly initialised heads.
+    encoder_lr_scale: float = 1.0
+    # Keep the encoder's lr at 0 for this many steps while the new parameters learn (a head
+    # warm-up: a random head's gradients do not reach the pretrained encoder).
+    head_warmup_steps: int = 0
     # Clip the global gradient norm to this (0: no clipping, as the authors' code).
     grad_clip: float = 1.0
     # "auto": bf16 on CUDA, fp32 on CPU; or force "bf16", "fp16", "fp32".
@@ -379,7 +385,9 @@ class TrainConfig:
         for name in ("steps", "grad_accum", "log_every", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{key}.{name}", "must be >= 1")
-        for name in ("warmup_steps", "eval_every", "save_every", "keep_checkpoints", "stop_at"):
+        if self.encoder_lr_scale < 0:
+            raise ConfigError(f"{key}.encoder_lr_scale", "must be >= 0")
+        for name in ("warmup_steps", "eval_every", "save_every", "keep_checkpoints", "stop_at", "head_warmup_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{key}.{name}", "must be >= 0")
         if self.lr <= 0:

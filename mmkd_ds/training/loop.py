@@ -127,6 +127,18 @@ def batchnorm_buffers(model: nn.Module) -> list[torch.Tensor]:
     return [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
 
 
+def group_lrs(engine) -> dict[str, float]:
+    """``train/lr`` (the new parameters': heads, MLM head) and, when it differs,
+    ``train/lr_encoder`` (the student encoder's), from the optimizer's parameter groups."""
+    lrs = engine.get_lr()
+    parts = [g.get("part", "new") for g in engine.optimizer.param_groups]
+    by_part = {part: lr for part, lr in zip(parts, lrs)} if len(parts) == len(lrs) else {"new": lrs[0]}
+    out = {"train/lr": by_part.get("new", lrs[0])}
+    if "encoder" in by_part and by_part["encoder"] != out["train/lr"]:
+        out["train/lr_encoder"] = by_part["encoder"]
+    return out
+
+
 def all_finite(value: torch.Tensor) -> bool:
     """True on every rank only if the loss is finite on every rank (they must skip together)."""
     flag = torch.isfinite(value.detach()).float().reshape(1)
@@ -143,19 +155,25 @@ def global_sum(values: list[float], device: torch.device) -> list[float]:
 
 
 def run_heldout_eval(engine, tokenizer, pairs, device, step: int, metrics: MetricsLogger, is_main: bool):
-    """Retrieval accuracy on held-out pairs (all ranks run it: ZeRO-3 gathers in forward)."""
+    """Retrieval accuracy on held-out pairs with the student's [CLS] and with mean pooling (all
+    ranks run it: ZeRO-3 gathers in forward). Scalars ``eval/retrieval_*`` ([CLS]) and
+    ``eval/retrieval_mean_*``."""
     from mmkd_ds.evaluation.retrieval import evaluate_retrieval
 
-    result = evaluate_retrieval(engine.module.student, tokenizer, pairs, device=device)
-    scalars = {"eval/retrieval_avg": result.average}
-    if result.low_resource_average is not None:
-        scalars["eval/retrieval_low_resource_avg"] = result.low_resource_average
-    for lang, r in result.per_language.items():
-        scalars[f"eval/retrieval_{lang}"] = (r["xx2en"] + r["en2xx"]) / 2
+    results, scalars = {}, {}
+    for pooling, prefix in (("cls", "eval/retrieval"), ("mean", "eval/retrieval_mean")):
+        result = results[pooling] = evaluate_retrieval(engine.module.student, tokenizer, pairs, pooling=pooling,
+                                                       device=device)
+        scalars[f"{prefix}_avg"] = result.average
+        if result.low_resource_average is not None:
+            scalars[f"{prefix}_low_resource_avg"] = result.low_resource_average
+        for lang, r in result.per_language.items():
+            scalars[f"{prefix}_{lang}"] = (r["xx2en"] + r["en2xx"]) / 2
     metrics.write(step, scalars, kind="eval")
     if is_main:
-        tqdm.write(f"step {step}: held-out retrieval {result.summary()}")
-    return result
+        tqdm.write(f"step {step}: held-out {results['cls'].summary()}")
+        tqdm.write(f"step {step}: held-out {results['mean'].summary()}")
+    return results["cls"]
 
 
 # -- the loop --------------------------------------------------------------------------------
@@ -287,7 +305,7 @@ def train(cfg: RunConfig, ds_config_path: str | None, resume: bool = False) -> T
             last_losses = {k: float(v) for k, v in pending[-1][1].items()}
             grad_norm = engine.get_global_grad_norm()
             scalars = {
-                "train/lr": engine.get_lr()[0],
+                **group_lrs(engine),
                 "train/grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
                 "train/skipped_steps": skipped_total,
                 "throughput/samples_per_s": samples / seconds if seconds else 0.0,

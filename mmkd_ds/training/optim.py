@@ -28,6 +28,8 @@ class Schedule:
     kind: str  # "linear", "cosine" or "constant" decay after warm-up
     global_batch: int  # pairs per optimizer step over all ranks
     steps_per_epoch: int
+    encoder_scale: float = 1.0  # the pretrained encoder's lr relative to the new parameters'
+    encoder_hold: int = 0  # steps during which the encoder's lr is 0 (the new parameters warm up)
 
     def line(self, cfg: TrainConfig) -> str:
         """One line for the start-up log: where each number came from."""
@@ -36,8 +38,12 @@ class Schedule:
         warm = f"{self.warmup_steps} ({cfg.warmup_epochs:g} epochs)" if cfg.warmup_epochs else str(self.warmup_steps)
         lr = (f"{self.lr:.3g} = {cfg.lr:g} x {self.global_batch}/256" if cfg.lr_scaling == "linear"
               else f"{self.lr:.3g}")
-        return (f"schedule: {length}, global batch {self.global_batch}, warm-up {warm}, "
+        line = (f"schedule: {length}, global batch {self.global_batch}, warm-up {warm}, "
                 f"peak lr {lr}, {self.kind} decay")
+        if self.encoder_hold or self.encoder_scale != 1.0:
+            line += (f"; encoder lr x{self.encoder_scale:g}"
+                     + (f", held at 0 for the first {self.encoder_hold} steps" if self.encoder_hold else ""))
+        return line
 
 
 def resolve_schedule(cfg: TrainConfig, batches_per_epoch: int, micro_batch: int, world_size: int) -> Schedule:
@@ -54,12 +60,22 @@ def resolve_schedule(cfg: TrainConfig, batches_per_epoch: int, micro_batch: int,
     warmup = round(cfg.warmup_epochs * steps_per_epoch) if cfg.warmup_epochs else cfg.warmup_steps
     global_batch = micro_batch * world_size * cfg.grad_accum
     lr = cfg.lr * global_batch / 256 if cfg.lr_scaling == "linear" else cfg.lr
-    return Schedule(steps, min(warmup, steps), lr, cfg.schedule, global_batch, steps_per_epoch)
+    return Schedule(steps, min(warmup, steps), lr, cfg.schedule, global_batch, steps_per_epoch,
+                    cfg.encoder_lr_scale, min(cfg.head_warmup_steps, steps))
 
 
 def fixed_schedule(cfg: TrainConfig) -> Schedule:
     """The schedule of a step-counted run without lr scaling (no data stream needed)."""
-    return Schedule(cfg.steps, cfg.warmup_steps, cfg.lr, cfg.schedule, 0, 0)
+    return Schedule(cfg.steps, cfg.warmup_steps, cfg.lr, cfg.schedule, 0, 0, cfg.encoder_lr_scale,
+                    min(cfg.head_warmup_steps, cfg.steps))
+
+
+def encoder_parameter_ids(model: torch.nn.Module) -> set[int]:
+    """ids of the student encoder's parameters (``model.student.base_model``; the input embeddings
+    that an MLM decoder is tied to included); empty when ``model`` has no student."""
+    student = getattr(model, "student", None)
+    base = getattr(student, "base_model", None) if student is not None else None
+    return {id(p) for p in base.parameters()} if base is not None else set()
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float | None = None) -> torch.optim.Optimizer:
@@ -67,18 +83,34 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float | None =
 
     ``cfg.weight_decay_on``: "matrices" decays only parameters of 2 or more dimensions that are
     not normalisation weights; "all" decays every parameter, as the authors' code does.
+    Parameter groups carry ``part``: "encoder" (the student encoder, pretrained) or "new" (the
+    MLM head, the sentence / structure heads, the word map), so that the schedule can give the
+    encoder its own lr (``train.encoder_lr_scale``, ``train.head_warmup_steps``). Empty groups
+    are left out.
     """
-    decay, no_decay = [], []
+    encoder = encoder_parameter_ids(model)
+    buckets: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         exempt = cfg.weight_decay_on == "matrices" and (p.ndim < 2 or any(k in name for k in _NO_DECAY))
-        (no_decay if exempt else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        buckets.setdefault(("encoder" if id(p) in encoder else "new", exempt), []).append(p)
+    groups = [{"params": params, "weight_decay": 0.0 if exempt else cfg.weight_decay, "part": part}
+              for (part, exempt), params in sorted(buckets.items())]
     return torch.optim.AdamW(groups, lr=cfg.lr if lr is None else lr, betas=(0.9, 0.999), eps=1e-8)
 
 
-def lr_factor(step: int, schedule: Schedule) -> float:
+def lr_factor(step: int, schedule: Schedule, part: str = "new") -> float:
+    """Multiplier of the peak lr at optimizer step ``step`` (0-based) for a parameter group's
+    ``part``: the encoder's is 0 while it is held, then scaled by ``encoder_scale``."""
+    if part == "encoder":
+        if step < schedule.encoder_hold:
+            return 0.0
+        return schedule.encoder_scale * _shape(step, schedule)
+    return _shape(step, schedule)
+
+
+def _shape(step: int, schedule: Schedule) -> float:
     """Multiplier of the peak lr at optimizer step ``step`` (0-based)."""
     if schedule.warmup_steps and step < schedule.warmup_steps:
         return (step + 1) / schedule.warmup_steps
@@ -92,4 +124,7 @@ def lr_factor(step: int, schedule: Schedule) -> float:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, schedule: Schedule) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, schedule))
+    """One lr multiplier per parameter group, by its ``part`` (see :func:`lr_factor`)."""
+    parts = [group.get("part", "new") for group in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [lambda step, part=part: lr_factor(step, schedule, part) for part in parts])
