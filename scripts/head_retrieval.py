@@ -63,8 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="the run's YAML config")
-    parser.add_argument("--checkpoint", required=True, type=Path,
-                        help="a checkpoint directory: OUT_DIR/checkpoints/stepNNNNNNNN")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--checkpoint", type=Path, help="a checkpoint directory: OUT_DIR/checkpoints/stepNNNNNNNN")
+    where.add_argument("--init", action="store_true",
+                       help="no checkpoint: the student of student.name with the heads as training initialises them")
     parser.add_argument("--pairs", choices=("heldout", "train"), default="heldout",
                         help="data.heldout (default) or the training corpus")
     parser.add_argument("--limit", type=int, default=0, help="at most this many pairs per language (0: all)")
@@ -74,16 +76,18 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.loss.sentence_weight <= 0:
         print("head_retrieval: loss.sentence_weight is 0: the run has no sentence head", file=sys.stderr)
         return 2
-    ckpt = args.checkpoint.resolve()
-    if not (ckpt / "mp_rank_00_model_states.pt").is_file():
+    ckpt = args.checkpoint.resolve() if args.checkpoint else None
+    if ckpt and not (ckpt / "mp_rank_00_model_states.pt").is_file():
         print(f"head_retrieval: {ckpt} is not a checkpoint directory (no mp_rank_00_model_states.pt)", file=sys.stderr)
         return 2
     device = torch.device(args.device)
 
     teacher = build_online_teacher(cfg, device)
+    torch.manual_seed(cfg.train.seed)  # then student and heads, as train() makes them
     student, tokenizer = build_student(cfg)
     model = build_model(cfg, student, teacher.hidden_size)
-    model.load_state_dict(consolidated_state_dict(ckpt.parent, ckpt.name), strict=True)
+    if ckpt:
+        model.load_state_dict(consolidated_state_dict(ckpt.parent, ckpt.name), strict=True)
     model.to(device).eval()  # BatchNorm with the running statistics of training, no dropout
 
     groups = pick_pairs(cfg, args.pairs, args.limit)
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     for lang, ps in groups.items():
         head, raw = head_and_raw_accuracy(model, tokenizer, teacher, ps, device)
         print(f"| {lang} | {len(ps)} | {100 / len(ps):.1f}% | {100 * head:.1f}% | {100 * raw:.1f}% |")
-    print(f"head_retrieval: {args.pairs} pairs, checkpoint {ckpt}")
+    print(f"head_retrieval: {args.pairs} pairs, " + (f"checkpoint {ckpt}" if ckpt else "heads at initialisation"))
     return 0
 
 
