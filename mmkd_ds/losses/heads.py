@@ -96,10 +96,13 @@ class BYOLHeads(nn.Module):
         teacher_hidden: H_T, size of the teacher's [CLS] vector.
         mlp_hidden: m, hidden width of the three MLPs (the authors' ``--mmkd-mlp-dim``, 768).
         out_dim: output width (the authors' ``--mmkd-dim``, 128).
-        teacher_seed, salt: seed of g_T's initialisation (local generator).
+        teacher_seed: seed of g_T's initialisation (local generator), mixed with the class's
+            ``salt`` (or the ``salt`` argument).
         final_bn: projectors end in ``BatchNorm1d(affine=False)`` (the authors' heads).
         bias: Linear layers with bias (the authors' have none).
     """
+
+    salt: int = 0
 
     def __init__(
         self,
@@ -108,11 +111,12 @@ class BYOLHeads(nn.Module):
         mlp_hidden: int = 768,
         out_dim: int = 128,
         teacher_seed: int = 0,
-        salt: int = 0,
         final_bn: bool = True,
         bias: bool = False,
+        salt: int | None = None,
     ) -> None:
         super().__init__()
+        salt = self.salt if salt is None else salt
         self.g = MLPHead(student_hidden, mlp_hidden, out_dim, final_bn=final_bn, bias=bias)
         self.q = MLPHead(out_dim, mlp_hidden, out_dim, final_bn=False, bias=bias)
         self.g_T = frozen_projector(teacher_hidden, mlp_hidden, out_dim, teacher_seed, salt,

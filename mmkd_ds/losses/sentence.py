@@ -63,6 +63,8 @@ class SentenceHeads(BYOLHeads):
     ``p for p in heads.parameters() if p.requires_grad``.
     """
 
+    salt = SENTENCE_SEED_SALT
+
     def __init__(
         self,
         student_hidden: int,
@@ -89,7 +91,7 @@ class SentenceHeads(BYOLHeads):
         # In "ema" mode g_T also starts from its seeded init (not a copy of g) and is pulled
         # toward g by update_ema.
         super().__init__(student_hidden, teacher_hidden, mlp_hidden, out_dim, teacher_seed,
-                         SENTENCE_SEED_SALT, final_bn=final_bn, bias=bias)
+                         final_bn=final_bn, bias=bias)
         self.teacher_head = teacher_head
         self.ema_decay = float(ema_decay)
 

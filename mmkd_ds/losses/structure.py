@@ -60,15 +60,4 @@ class StructureHeads(BYOLHeads):
     the optimizer only the parameters with ``requires_grad``.
     """
 
-    def __init__(
-        self,
-        student_hidden: int,
-        teacher_hidden: int,
-        mlp_hidden: int = 768,
-        out_dim: int = 128,
-        teacher_seed: int = 0,
-        final_bn: bool = True,
-        bias: bool = False,
-    ) -> None:
-        super().__init__(student_hidden, teacher_hidden, mlp_hidden, out_dim, teacher_seed,
-                         STRUCTURE_SEED_SALT, final_bn=final_bn, bias=bias)
+    salt = STRUCTURE_SEED_SALT
