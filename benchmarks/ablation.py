@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Which MMKD objectives raise held-out retrieval: the full method, each objective alone, each
-one left out, from the same pretrained student with the same seed.
+"""Which MMKD objectives raise held-out retrieval: the config's own weights, the full method (the
+authors' weights 1/1/1/10), each objective alone, each one left out, from the same pretrained
+student with the same seed.
 
-    python benchmarks/ablation.py                         # the demo's setting, 9 runs
+    python benchmarks/ablation.py                         # the demo's setting, 10 runs
     python benchmarks/ablation.py --variants full,no-token --steps 100 --loss.word_sim=cosine
 
 For every variant it runs the real training (`deepspeed --num_gpus 2 launchers/distill.py`,
@@ -38,20 +39,23 @@ OBJECTIVES = ("token", "word", "sentence", "structure")
 WEIGHTS = {"token": 1.0, "word": 1.0, "sentence": 1.0, "structure": 10.0}
 
 
-def variant_weights(name: str) -> dict[str, float]:
-    """``full``, ``only-X`` or ``no-X`` -> the four loss weights."""
+def variant_weights(name: str) -> dict[str, float] | None:
+    """``full`` (the authors' weights 1/1/1/10), ``only-X``, ``no-X`` -> the four loss weights;
+    ``config`` -> None: the config's own weights, as they are."""
+    if name == "config":
+        return None
     if name == "full":
         return dict(WEIGHTS)
     kind, _, objective = name.partition("-")
     if objective not in OBJECTIVES or kind not in ("only", "no"):
-        raise SystemExit(f"ablation: unknown variant {name!r} (full, only-<objective>, no-<objective>; "
+        raise SystemExit(f"ablation: unknown variant {name!r} (config, full, only-<objective>, no-<objective>; "
                          f"objectives: {', '.join(OBJECTIVES)})")
     if kind == "only":
         return {k: (v if k == objective else 0.0) for k, v in WEIGHTS.items()}
     return {k: (0.0 if k == objective else v) for k, v in WEIGHTS.items()}
 
 
-ALL_VARIANTS = ["full", *(f"only-{o}" for o in OBJECTIVES), *(f"no-{o}" for o in OBJECTIVES)]
+ALL_VARIANTS = ["config", "full", *(f"only-{o}" for o in OBJECTIVES), *(f"no-{o}" for o in OBJECTIVES)]
 
 
 def free_port() -> int:
@@ -87,10 +91,15 @@ def eval_curve(metrics: Path) -> list[dict]:
     return [r for r in rows if r.get("kind") == "eval"]
 
 
-def head_retrieval(args, student: Path, weights: dict, checkpoint: Path | None, env: dict, log_path: Path) -> dict:
+def weight_overrides(weights: dict | None) -> list[str]:
+    return [f"--loss.{k}_weight={v}" for k, v in weights.items()] if weights else []
+
+
+def head_retrieval(args, student: Path, weights: dict | None, checkpoint: Path | None, env: dict,
+                   log_path: Path) -> dict:
     """Per-language sentence-head and raw [CLS] accuracy x -> e from scripts/head_retrieval.py."""
     cmd = [sys.executable, str(REPO / "scripts" / "head_retrieval.py"), "--config", args.config,
-           f"--student.name={student}", *(f"--loss.{k}_weight={v}" for k, v in weights.items()), *args.overrides]
+           f"--student.name={student}", *weight_overrides(weights), *args.overrides]
     cmd += ["--checkpoint", str(checkpoint)] if checkpoint else ["--init"]
     run(cmd, log_path, env)
     table = {}
@@ -116,12 +125,17 @@ def run_variant(args, name: str, student: Path, runs: Path, env: dict) -> dict:
            "--deepspeed_config", str(REPO / "ds_configs" / "zero2.json"),
            f"--student.name={student}", f"--train.out_dir={out}", f"--train.steps={args.steps}",
            f"--train.eval_every={args.eval_every}", "--train.save_every=0", "--train.export=false",
-           *(f"--loss.{k}_weight={v}" for k, v in weights.items()), *args.overrides]
-    log(f"{name}: training {args.steps} steps (weights {weights})")
+           *weight_overrides(weights), *args.overrides]
+    log(f"{name}: training {args.steps} steps (weights {weights or 'of the config'})")
     started = time.perf_counter()
     run(cmd, out / "train.log", env)
     seconds = time.perf_counter() - started
     curve = eval_curve(out / "metrics.jsonl")
+    if weights is None:
+        from mmkd_ds.config import load_config
+
+        loss = load_config(args.config, args.overrides).loss
+        weights = {k: getattr(loss, f"{k}_weight") for k in OBJECTIVES}
     result = {"weights": weights, "seconds": seconds, "curve": curve, "before": curve[0], "after": curve[-1]}
     if weights["sentence"] > 0:
         ckpt = max((out / "checkpoints").glob("step*"))

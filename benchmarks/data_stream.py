@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark the training data stream against what training consumes (CPU demo configuration).
 
-Two phases, one process, the demo config (configs/demo.yaml: the bundled sample corpus, the
+Two phases, one process, the from-scratch demo config (configs/demo-scratch.yaml: the bundled sample corpus, the
 packaged all-MiniLM-L6-v2 teacher's shards, the `mmkd-init-student` student, batch 32):
 
 * stream    the real loader alone: ``build_train_loader(cfg, place, MMKDCollator(...))`` as
@@ -316,7 +316,7 @@ def tables(result: dict[str, Any]) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Any other --section.key=value argument overrides the run config.")
-    p.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"), help="run config (default configs/demo.yaml)")
+    p.add_argument("--config", default=str(REPO / "configs" / "demo-scratch.yaml"), help="run config (default configs/demo-scratch.yaml)")
     p.add_argument("--workdir", default=str(REPO / "runs" / "bench-data"),
                    help="where the student (student-init/) and the shards (shards/) are made, reused if present "
                         "(default runs/bench-data)")

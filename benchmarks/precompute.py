@@ -479,7 +479,7 @@ def tables(result: dict[str, Any]) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Any other --section.key=value argument overrides the run config.")
-    p.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"), help="run config (default configs/demo.yaml)")
+    p.add_argument("--config", default=str(REPO / "configs" / "demo-scratch.yaml"), help="run config (default configs/demo-scratch.yaml)")
     p.add_argument("--workdir", default=str(REPO / "runs" / "bench-data"),
                    help="the runs write shards into WORKDIR/precompute/run-K, each emptied first "
                         "(default runs/bench-data)")

