@@ -215,3 +215,28 @@ def test_evaluate_restores_train_mode(encoder):
         assert all(m.training for m in model.modules())
     finally:
         model.eval()
+
+
+def test_load_encoder_from_a_masked_lm_is_quiet_and_warns_on_odd_keys(tmp_path, student_tokenizer, capfd):
+    """An MLM checkpoint loads as a bare encoder without transformers' load-report table (its LM
+    head and the missing pooler are expected); weights that do not belong warn by name."""
+    import warnings
+
+    from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
+
+    from mmkd_ds.evaluation.retrieval import load_encoder
+
+    config = BertConfig(vocab_size=len(student_tokenizer), hidden_size=16, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=32)
+    BertForMaskedLM(config).save_pretrained(tmp_path / "mlm")
+    student_tokenizer.save_pretrained(tmp_path / "mlm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model, _ = load_encoder(str(tmp_path / "mlm"))
+    assert type(model).__name__ == "BertModel" and not model.training
+    assert "LOAD REPORT" not in "".join(capfd.readouterr())
+
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "cls")  # a "classifier.*" head
+    student_tokenizer.save_pretrained(tmp_path / "cls")
+    with pytest.warns(UserWarning, match=r"not used when loading the encoder: classifier\.bias, classifier\.weight"):
+        load_encoder(str(tmp_path / "cls"))

@@ -16,6 +16,7 @@ its first occurrence.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -261,9 +262,23 @@ def load_encoder(path_or_name: str):
     directory as for the teacher.
     """
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     path = resolve_model_path(str(path_or_name))  # packaged names -> their directory
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path)
+    # A masked-LM checkpoint loaded as a bare encoder always has an unused LM head ("cls.*") and
+    # no pooler (unused here: retrieval pools hidden states). transformers prints a table for
+    # that on every load; keep it quiet and report only keys that would matter.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = AutoModel.from_pretrained(path, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    odd = sorted({*(k for k in info.get("missing_keys", ()) if not k.startswith("pooler.")),
+                  *(k for k in info.get("unexpected_keys", ()) if not k.startswith("cls."))})
+    if odd:
+        shown = ", ".join(odd[:6]) + (f" and {len(odd) - 6} more" if len(odd) > 6 else "")
+        warnings.warn(f"{path}: weights missing or not used when loading the encoder: {shown}", stacklevel=2)
     model.eval()
     return model, tokenizer
