@@ -191,7 +191,7 @@ def measure_size(cfg, shard_dir: Path) -> dict[str, Any]:
     from mmkd_ds.precompute import corpus_fingerprint
     from mmkd_ds.shards.format import split_member_name
     from mmkd_ds.shards.manifest import read_manifest
-    from mmkd_ds.teacher import resolve_model_path
+    from mmkd_ds.model_source import resolve_model_path
     from mmkd_ds.words import encode_words, split_words
 
     manifest = read_manifest(shard_dir)

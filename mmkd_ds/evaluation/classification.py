@@ -53,7 +53,7 @@ import torch
 
 from mmkd_ds.evaluation.finetune import Finetuner, FinetuneSettings, start_runtime
 from mmkd_ds.evaluation.report import LOW_RESOURCE, TaskResult
-from mmkd_ds.teacher import resolve_model_path
+from mmkd_ds.model_source import check_model_source, explained_load
 
 
 @dataclass(frozen=True)
@@ -226,9 +226,10 @@ def load_split(
 def _load_classifier(model_path: str, num_labels: int):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    path = resolve_model_path(str(model_path))  # packaged names -> their directory
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    path = check_model_source("--model", str(model_path))  # packaged names -> their directory
+    with explained_load("--model", str(model_path)):
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
     return model, tokenizer
 
 

@@ -56,7 +56,7 @@ import torch
 
 from mmkd_ds.evaluation.finetune import Finetuner, FinetuneSettings, start_runtime
 from mmkd_ds.evaluation.report import LOW_RESOURCE, TaskResult
-from mmkd_ds.teacher import resolve_model_path
+from mmkd_ds.model_source import check_model_source, explained_load
 from mmkd_ds.evaluation.squad_metrics import squad_scores
 
 logger = logging.getLogger(__name__)
@@ -387,11 +387,12 @@ def finetune_and_evaluate_qa(
     if max_eval_examples is not None:
         evals = {lang: (rows[:max_eval_examples], src) for lang, (rows, src) in evals.items()}
 
-    path = resolve_model_path(str(model_path))  # packaged names -> their directory
+    path = check_model_source("--model", str(model_path))  # packaged names -> their directory
     runtime = start_runtime(deepspeed_config, device)
     torch.manual_seed(seed)  # the new span head: the same on every rank
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForQuestionAnswering.from_pretrained(path)
+    with explained_load("--model", str(model_path)):
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForQuestionAnswering.from_pretrained(path)
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and max_length > limit:
         raise ValueError(f"max_length {max_length} exceeds the model's max_position_embeddings {limit}")

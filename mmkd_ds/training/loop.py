@@ -71,10 +71,17 @@ def build_student(cfg: RunConfig):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from mmkd_ds.model_source import check_model_source, explained_load
+
     hf_logging.disable_progress_bar()
     kwargs = {} if Path(cfg.student.name).exists() else {"revision": cfg.student.revision}
-    tokenizer = AutoTokenizer.from_pretrained(cfg.student.tokenizer or cfg.student.name, **kwargs)
-    student = AutoModelForMaskedLM.from_pretrained(cfg.student.name, **kwargs)
+    tok_key, tok_name = ("student.tokenizer", cfg.student.tokenizer) if cfg.student.tokenizer else ("student.name", cfg.student.name)
+    tok_path = check_model_source(tok_key, tok_name)
+    path = check_model_source("student.name", cfg.student.name)
+    with explained_load(tok_key, tok_name):
+        tokenizer = AutoTokenizer.from_pretrained(tok_path, **kwargs)
+    with explained_load("student.name", cfg.student.name):
+        student = AutoModelForMaskedLM.from_pretrained(path, **kwargs)
     return student, tokenizer
 
 
