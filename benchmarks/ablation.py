@@ -102,6 +102,11 @@ def head_retrieval(args, student: Path, weights: dict | None, checkpoint: Path |
            f"--student.name={student}", *weight_overrides(weights), *args.overrides]
     cmd += ["--checkpoint", str(checkpoint)] if checkpoint else ["--init"]
     run(cmd, log_path, env)
+    return read_head_table(log_path)
+
+
+def read_head_table(log_path: Path) -> dict:
+    """The per-language table that scripts/head_retrieval.py printed into ``log_path``."""
     table = {}
     for line in log_path.read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -112,9 +117,30 @@ def head_retrieval(args, student: Path, weights: dict | None, checkpoint: Path |
     return table
 
 
+def finished_run(out: Path, steps: int, needs_head: bool) -> float | None:
+    """The training seconds of a complete earlier run of a variant in ``out`` (its last eval at
+    ``steps`` and, if the sentence level trains, both head tables written), else None."""
+    try:
+        curve = eval_curve(out / "metrics.jsonl")
+        done = [line for line in (out / "train.log").read_text().splitlines() if "distill: done at step" in line]
+    except (OSError, ValueError, KeyError):
+        return None
+    if not curve or curve[-1]["step"] != steps or not done:
+        return None
+    heads = [out / "head-before.log", out / "head-after.log"]
+    if needs_head and not all(f.is_file() and len(read_head_table(f)) > 1 for f in heads):  # > 1: "average" only
+        return None
+    return float(done[-1].split(" in ")[1].split(" s")[0])
+
+
 def run_variant(args, name: str, student: Path, runs: Path, env: dict) -> dict:
     weights = variant_weights(name)
     out = runs / name
+    needs_head = (weights["sentence"] if weights else load_weights(args)["sentence"]) > 0
+    reused = finished_run(out, args.steps, needs_head) if args.reuse_finished else None
+    if reused is not None:
+        log(f"{name}: reusing the finished run in {out} (--reuse-finished)")
+        return variant_result(args, name, student, out, env, weights, reused, reuse=True)
     if out.exists():
         import shutil
 
@@ -129,18 +155,31 @@ def run_variant(args, name: str, student: Path, runs: Path, env: dict) -> dict:
     log(f"{name}: training {args.steps} steps (weights {weights or 'of the config'})")
     started = time.perf_counter()
     run(cmd, out / "train.log", env)
-    seconds = time.perf_counter() - started
-    curve = eval_curve(out / "metrics.jsonl")
-    if weights is None:
-        from mmkd_ds.config import load_config
+    return variant_result(args, name, student, out, env, weights, time.perf_counter() - started, reuse=False)
 
-        loss = load_config(args.config, args.overrides).loss
-        weights = {k: getattr(loss, f"{k}_weight") for k in OBJECTIVES}
+
+def load_weights(args) -> dict[str, float]:
+    """The config's own four loss weights (the ``config`` variant)."""
+    from mmkd_ds.config import load_config
+
+    loss = load_config(args.config, args.overrides).loss
+    return {k: getattr(loss, f"{k}_weight") for k in OBJECTIVES}
+
+
+def variant_result(args, name: str, student: Path, out: Path, env: dict, weights: dict | None, seconds: float,
+                   reuse: bool) -> dict:
+    """Curves, before / after and the sentence-head tables of one trained variant."""
+    curve = eval_curve(out / "metrics.jsonl")
+    weights = weights or load_weights(args)
     result = {"weights": weights, "seconds": seconds, "curve": curve, "before": curve[0], "after": curve[-1]}
     if weights["sentence"] > 0:
-        ckpt = max((out / "checkpoints").glob("step*"))
-        result["head_before"] = head_retrieval(args, student, weights, None, env, out / "head-before.log")
-        result["head_after"] = head_retrieval(args, student, weights, ckpt, env, out / "head-after.log")
+        if reuse:
+            result["head_before"] = read_head_table(out / "head-before.log")
+            result["head_after"] = read_head_table(out / "head-after.log")
+        else:
+            ckpt = max((out / "checkpoints").glob("step*"))
+            result["head_before"] = head_retrieval(args, student, weights, None, env, out / "head-before.log")
+            result["head_after"] = head_retrieval(args, student, weights, ckpt, env, out / "head-after.log")
     a, b = result["after"], result["before"]
     log(f"{name}: [CLS] {100 * b['eval/retrieval_avg']:.1f} -> {100 * a['eval/retrieval_avg']:.1f}, "
         f"mean {100 * b['eval/retrieval_mean_avg']:.1f} -> {100 * a['eval/retrieval_mean_avg']:.1f} ({seconds:.0f} s)")
@@ -210,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs-dir", default="runs/ablation")
     parser.add_argument("--out", default="benchmarks/results", help="results directory ('' writes nothing)")
     parser.add_argument("--stem", default="ablation-cpu")
+    parser.add_argument("--reuse-finished", action="store_true",
+                        help="take a variant's complete earlier run in --runs-dir instead of training it again "
+                             "(to finish an interrupted ablation)")
     args, args.overrides = parser.parse_known_args(argv)
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
