@@ -18,6 +18,9 @@ if [ "${1:-}" = "--scratch" ]; then
 fi
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# DeepSpeed compiles its CPU communication op on first use into TORCH_EXTENSIONS_DIR, by default
+# ~/.cache/torch_extensions, shared by every environment (two builds at once wait on one lock).
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/runs/torch_extensions}"
 start=$SECONDS
 echo "demo 1/4: student initialisation -> $RUN/student-init"
 [ -f "$RUN/student-init/config.json" ] || mmkd-init-student --config "$CONFIG" --out "$RUN/student-init" ${INIT[@]+"${INIT[@]}"}

@@ -17,6 +17,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# DeepSpeed compiles its CPU communication op into TORCH_EXTENSIONS_DIR (default: the shared
+# ~/.cache/torch_extensions, where two environments building it wait on each other's lock).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / "runs" / "torch_extensions"))
 
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "mmkd_ds" / "data" / "sample"
 
