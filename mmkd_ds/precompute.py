@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +30,10 @@ from mmkd_ds.shards.format import SCHEMA_VERSION, ShardSample, sample_key
 from mmkd_ds.shards.manifest import Manifest, ManifestError, write_manifest
 from mmkd_ds.shards.writer import (
     INDEX_DIR,
+    DiskFullError,
     atomic_write_bytes,
     read_record,
+    remove_stale_temporaries,
     shard_name,
     write_record,
     write_shard,
@@ -50,6 +53,7 @@ class PrecomputeSummary:
     seconds: float
     manifest_path: Path | None
     corpus: Corpus
+    shards_rebuilt: int = 0  # complete by size, but not by the sha256 of their _index record
 
     def line(self) -> str:
         rate = self.pairs_written / self.seconds if self.seconds > 0 else 0.0
@@ -59,7 +63,9 @@ class PrecomputeSummary:
         done = f"manifest {self.manifest_path}" if self.manifest_path else "manifest pending (other ranks still writing)"
         return (
             f"precompute: {self.pairs_written} pairs in {self.shards_written} shards "
-            f"({self.shards_skipped} already complete) in {self.seconds:.1f} s, {rate:.1f} pairs/s, "
+            f"({self.shards_skipped} already complete"
+            + (f", {self.shards_rebuilt} rewritten after a sha256 mismatch" if self.shards_rebuilt else "")
+            + f") in {self.seconds:.1f} s, {rate:.1f} pairs/s, "
             f"{per_pair / 1024:.2f} KiB/pair; input lines skipped {skipped} ({reasons}); {done}"
         )
 
@@ -180,6 +186,18 @@ def finalize_manifest(out_dir: Path, header: dict, plan: list[tuple[int, int, in
     return write_manifest(out_dir, manifest)
 
 
+def _space_needed(out_dir: Path, exc: DiskFullError, remaining: list[tuple[int, int, int]], failed_pairs: int) -> str:
+    """What the remaining shards of this rank need, estimated from the shard that did not fit."""
+    pairs = sum(end - start for _, start, end in remaining)
+    free = shutil.disk_usage(out_dir).free
+    if exc.path.suffix != ".tar" or failed_pairs == 0:
+        return f"{len(remaining)} shard(s) of {pairs} pairs still to write; {free / 2**20:.1f} MiB free"
+    per_pair = exc.needed / failed_pairs
+    return (f"the {len(remaining)} remaining shard(s) of this rank ({pairs} pairs) need about "
+            f"{pairs * per_pair / 2**20:.1f} MiB ({per_pair / 1024:.2f} KiB/pair), {free / 2**20:.1f} MiB free; "
+            "free some space or point precompute.out_dir elsewhere, then run again (complete shards are kept)")
+
+
 def pick_device(name: str, place: ProcessPlace) -> torch.device:
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", place.local_rank % max(torch.cuda.device_count(), 1))
@@ -201,8 +219,22 @@ def run_precompute(cfg: RunConfig, place: ProcessPlace | None = None) -> Precomp
     teacher = load_teacher(cfg.teacher, pick_device(cfg.precompute.device, place))
     header = run_header(cfg, teacher, corpus)
     claim_output_dir(out_dir, header)
+    stale = remove_stale_temporaries(out_dir)
+    if stale:
+        tqdm.write(f"precompute: removed {len(stale)} temporary file(s) of processes that are gone: {', '.join(stale[:3])}"
+                   + (" ..." if len(stale) > 3 else ""))
 
-    todo = [s for s in mine if read_record(out_dir, shard_name(s[0])) is None]
+    # A shard counts as complete only if its bytes still hash to its record: a byte changed
+    # inside a finished shard keeps its size. Hashing is cheap next to a teacher forward.
+    todo, rebuilt = [], []
+    for shard in mine:
+        name = shard_name(shard[0])
+        if read_record(out_dir, name) is None:
+            todo.append(shard)
+        elif read_record(out_dir, name, verify=True) is None:
+            tqdm.write(f"precompute: {out_dir / name} does not match the sha256 of its {INDEX_DIR}/ record: writing it again")
+            rebuilt.append(name)
+            todo.append(shard)
     n_todo = sum(end - start for _, start, end in todo)
     bar = tqdm(
         total=n_todo,
@@ -211,10 +243,15 @@ def run_precompute(cfg: RunConfig, place: ProcessPlace | None = None) -> Precomp
         disable=not (cfg.precompute.progress and place.is_main),
     )
     pairs_written = bytes_written = 0
-    for index, start, end in todo:
+    for i, (index, start, end) in enumerate(todo):
         samples = build_samples(teacher, corpus.pairs[start:end], start, cfg.precompute.batch_size)
-        record = write_shard(out_dir / shard_name(index), samples, first_index=start, dtype=cfg.teacher.dtype)
-        write_record(out_dir, record)
+        try:
+            record = write_shard(out_dir / shard_name(index), samples, first_index=start, dtype=cfg.teacher.dtype)
+            write_record(out_dir, record)
+        except DiskFullError as exc:
+            bar.close()
+            exc.detail = _space_needed(out_dir, exc, todo[i:], end - start)
+            raise
         pairs_written += record.samples
         bytes_written += record.bytes
         bar.update(record.samples)
@@ -222,6 +259,7 @@ def run_precompute(cfg: RunConfig, place: ProcessPlace | None = None) -> Precomp
 
     manifest_path = finalize_manifest(out_dir, header, plan)
     return PrecomputeSummary(
+        shards_rebuilt=len(rebuilt),
         pairs_written=pairs_written,
         shards_written=len(todo),
         shards_skipped=len(mine) - len(todo),

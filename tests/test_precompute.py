@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -184,11 +185,24 @@ def test_kill_and_resume_is_byte_identical(tmp_path, teacher_dir):
     assert 0 < done_before < 150
 
     # What a kill during a write leaves: a temporary file, and a shard with no record.
-    (resumed / ".shard-000149.tar.tmp-99999").write_bytes(b"partial")
+    host = socket.gethostname().replace("-", "_")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    (resumed / f".shard-000149.tar.tmp-{host}-{dead}").write_bytes(b"partial")
+    (resumed / INDEX_DIR / f".shard-000149.tar.json.tmp-{host}-{dead}").write_bytes(b"{")
+    (resumed / ".shard-000147.tar.tmp-other_node-1").write_bytes(b"another node may be writing it")
     (resumed / "shard-000148.tar").write_bytes(b"truncated")
+    # A finished shard with one byte changed inside keeps its size: only its sha256 tells.
+    flipped = bytearray((resumed / "shard-000000.tar").read_bytes())
+    flipped[700] ^= 0xFF
+    (resumed / "shard-000000.tar").write_bytes(bytes(flipped))
 
     result = subprocess.run(_precompute_cmd(cfg), env=env, capture_output=True, text=True, check=True)
-    assert f"({done_before} already complete)" in result.stdout
+    assert f"({done_before - 1} already complete, 1 rewritten after a sha256 mismatch)" in result.stdout
+    assert "shard-000000.tar does not match the sha256 of its _index/ record" in result.stdout + result.stderr
+    assert "removed 2 temporary file(s) of processes that are gone" in result.stdout + result.stderr
+    assert not list(resumed.glob(f".*.tmp-{host}-*")) and not list((resumed / INDEX_DIR).glob(".*.tmp-*"))
+    assert (resumed / ".shard-000147.tar.tmp-other_node-1").is_file()  # not this host's: kept
+    (resumed / ".shard-000147.tar.tmp-other_node-1").unlink()
     assert shard_bytes(resumed) == shard_bytes(reference)
     assert len(shard_bytes(reference)) == 150
     assert (resumed / "manifest.json").read_bytes() == (reference / "manifest.json").read_bytes()
@@ -216,3 +230,42 @@ def test_two_ranks_under_deepspeed_write_disjoint_shards(tmp_path, teacher_dir):
     a = json.loads((multi / "manifest.json").read_text())
     b = json.loads((single / "manifest.json").read_text())
     assert a == b
+
+
+def test_disk_full_is_one_line_exit_2_and_leaves_no_temporary(tmp_path, teacher_dir, monkeypatch, capsys):
+    """ENOSPC in the middle of a shard (injected where the writer writes bytes): the temporary
+    file is removed, the message names the directory and what the remaining shards need, exit 2;
+    with space again, a re-run completes with the shards of an uninterrupted run."""
+    import errno
+
+    from mmkd_ds.cli.precompute import main
+    from mmkd_ds.shards import writer
+
+    glob = str(small_corpus(tmp_path) / "*.tsv")
+    out = tmp_path / "full-disk"
+    real_write, calls = writer._write_all, []
+
+    def fill_up(f, data):
+        if ".tar.tmp-" in Path(f.name).name:  # a shard, not its record or the run header
+            calls.append(len(data))
+        if len(calls) == 3 and ".tar.tmp-" in Path(f.name).name:  # the third shard hits the full disk
+            f.write(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(f, data)
+
+    monkeypatch.setattr(writer, "_write_all", fill_up)
+    cfg = write_config(tmp_path, teacher_dir, glob, out, 20)
+    assert main(["--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"mmkd-precompute: no space left on device in {out} while writing shard-000002.tar; ")
+    assert "the 2 remaining shard(s) of this rank (40 pairs) need about" in err[0] and "MiB free" in err[0]
+    assert not list(out.glob(".*.tmp-*")) and not list((out / INDEX_DIR).glob(".*.tmp-*"))
+    assert sorted(p.name for p in out.glob("shard-*.tar")) == ["shard-000000.tar", "shard-000001.tar"]
+
+    monkeypatch.setattr(writer, "_write_all", real_write)
+    assert main(["--config", str(cfg)]) == 0
+    assert "(2 already complete)" in capsys.readouterr().out
+    reference = tmp_path / "reference"
+    run_precompute(load_config(write_config(tmp_path, teacher_dir, glob, reference, 20)), ProcessPlace(0, 1, 0))
+    assert shard_bytes(out) == shard_bytes(reference)

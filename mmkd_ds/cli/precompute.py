@@ -36,11 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     from mmkd_ds.data.corpus import CorpusError
     from mmkd_ds.precompute import run_precompute
     from mmkd_ds.shards.manifest import ManifestError
+    from mmkd_ds.shards.writer import DiskFullError
 
     place = process_place()
     try:
         summary = run_precompute(cfg, place)
-    except (CorpusError, ManifestError, FileNotFoundError, ValueError) as exc:
+    except (CorpusError, ManifestError, DiskFullError, FileNotFoundError, ValueError) as exc:
         print(f"mmkd-precompute: {exc}", file=sys.stderr)
         return 2
     prefix = f"[rank {place.rank}/{place.world_size}] " if place.world_size > 1 else ""
