@@ -7,6 +7,7 @@ resuming with another world or batch size, or training against another teacher, 
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -171,8 +172,24 @@ def test_train_resume_and_export(setup, tmp_path, stage):
     split = tmp_path / "split"
     out = ok(launch(setup, split, "--train.stop_at=3", stage=stage))
     assert "train.stop_at reached" in out and "stopped early" in out
+    # As if the run had crashed at step 5, after its checkpoint of step 3: steps 4 and 5 are in
+    # metrics.jsonl and TensorBoard already, and the resumed run must not show them twice.
+    with open(split / "metrics.jsonl", "a", encoding="utf-8") as f:
+        for s in (4, 5):
+            f.write(json.dumps({"kind": "train", "step": s, "loss/total": 999.0}) + "\n")
+    from torch.utils.tensorboard import SummaryWriter
+
+    tb_dir = next((split / "tensorboard").rglob("events.out.tfevents.*")).parent
+    with SummaryWriter(log_dir=str(tb_dir)) as crashed:
+        for s in (4, 5):
+            crashed.add_scalar("loss/total", 999.0, s)
     out = ok(launch(setup, split, "--resume", stage=stage))
-    assert "at step 3" in out and "distill: done at step 6" in out
+    assert "at step 3; dropped 2 metrics.jsonl records of later steps" in out and "distill: done at step 6" in out
+    assert [r["step"] for r in read_metrics(split / "metrics.jsonl") if "loss/total" in r] == [1, 2, 3, 4, 5, 6]
+    events = EventAccumulator(str(tb_dir))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss/total")] == [1, 2, 3, 4, 5, 6]
+    assert 999.0 not in [e.value for e in events.Scalars("loss/total")]
     resumed = losses_by_step(split)
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
     # Bitwise equal in every isolated trial here; once, with another job loading both cores,

@@ -234,8 +234,10 @@ def train(cfg: RunConfig, ds_config_path: str | None, resume: bool = False) -> T
             log.warning("resuming with changed settings: %s", ", ".join(changed))
         loader.load_state_dict(state["stream"], allow_changes=True)  # checked above
         step, skipped_total = int(state["step"]), int(state.get("skipped", 0))
+        dropped = metrics.rewind(step)  # what the interrupted run logged after its last checkpoint
         if place.is_main:
-            tqdm.write(f"resumed from {ckpt_dir / latest_tag(ckpt_dir)} at step {step}")
+            tqdm.write(f"resumed from {ckpt_dir / latest_tag(ckpt_dir)} at step {step}"
+                       + (f"; dropped {dropped} metrics.jsonl records of later steps" if dropped else ""))
     elif resume and place.is_main:
         tqdm.write(f"--resume: no checkpoint in {ckpt_dir}, starting fresh")
 
