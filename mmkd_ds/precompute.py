@@ -42,6 +42,8 @@ from mmkd_ds.teacher import Teacher, encode_batch, load_teacher
 from mmkd_ds.words import PRETOKENIZER_NAME, split_words
 
 RUN_HEADER = "run.json"
+#: Beside the manifest: per reason, how many input lines were skipped or repaired, and where.
+SKIPS_FILE = "skips.json"
 
 
 @dataclass
@@ -54,6 +56,12 @@ class PrecomputeSummary:
     manifest_path: Path | None
     corpus: Corpus
     shards_rebuilt: int = 0  # complete by size, but not by the sha256 of their _index record
+
+    def report(self) -> str:
+        """The skipped and repaired input lines per reason with their first ``path:line``s ("" if
+        there were none)."""
+        log = self.corpus.log
+        return log.summary() if (log.counts or log.repairs) else ""
 
     def line(self) -> str:
         rate = self.pairs_written / self.seconds if self.seconds > 0 else 0.0
@@ -257,6 +265,8 @@ def run_precompute(cfg: RunConfig, place: ProcessPlace | None = None) -> Precomp
         bar.update(record.samples)
     bar.close()
 
+    if place.rank == 0:  # every rank read the same corpus: one writes what it skipped
+        atomic_write_bytes(out_dir / SKIPS_FILE, (json.dumps(corpus.log.to_dict(), indent=2) + "\n").encode())
     manifest_path = finalize_manifest(out_dir, header, plan)
     return PrecomputeSummary(
         shards_rebuilt=len(rebuilt),

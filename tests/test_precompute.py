@@ -269,3 +269,26 @@ def test_disk_full_is_one_line_exit_2_and_leaves_no_temporary(tmp_path, teacher_
     reference = tmp_path / "reference"
     run_precompute(load_config(write_config(tmp_path, teacher_dir, glob, reference, 20)), ProcessPlace(0, 1, 0))
     assert shard_bytes(out) == shard_bytes(reference)
+
+
+def test_successful_run_reports_skipped_and_repaired_lines(tmp_path, teacher_dir, capsys):
+    """The per-reason counts with file:line examples are printed at the end of every precompute
+    (not only when nothing is usable), repairs included, and written to skips.json."""
+    from mmkd_ds.cli.precompute import main
+
+    corpus = small_corpus(tmp_path)
+    de = corpus / "small.en-de.tsv"
+    good = de.read_bytes().splitlines()
+    # line 41: no tab; line 42: a CRLF ending (repaired, kept); a BOM at the start of line 1
+    de.write_bytes(b"\xef\xbb\xbf" + b"\n".join(good) + b"\nno tab on this line\n" + b"Hello there.\tHallo da.\r\n")
+    out = tmp_path / "shards"
+    cfg = write_config(tmp_path, teacher_dir, str(corpus / "*.tsv"), out, 40)
+    assert main(["--config", str(cfg)]) == 0
+    printed = capsys.readouterr().out
+    assert "precompute: input skipped 1, repaired 2" in printed
+    assert f"  skipped no_tab: 1 at {de}:41" in printed
+    assert f"{de}:42" in printed and "repaired crlf: 1" in printed and "repaired bom: 1" in printed
+    report = json.loads((out / "skips.json").read_text())
+    assert report["skipped"]["no_tab"]["count"] == 1 and report["skipped"]["no_tab"]["examples"][0]["at"] == f"{de}:41"
+    assert set(report["repaired"]) == {"crlf", "bom"}
+    assert read_manifest(out).total_samples == 81  # 40 + 40 + the repaired line

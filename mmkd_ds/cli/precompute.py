@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mmkd-precompute: {exc}", file=sys.stderr)
         return 2
     prefix = f"[rank {place.rank}/{place.world_size}] " if place.world_size > 1 else ""
+    if place.rank == 0 and summary.report():  # the same corpus on every rank: report it once
+        print("precompute: input " + summary.report(), flush=True)
     print(prefix + summary.line(), flush=True)
     return 0
 

@@ -97,6 +97,19 @@ class SkipLog:
                 lines.append(f"  {kind} {reason}: {counts[reason]}{where}")
         return "\n".join(lines)
 
+    def to_dict(self) -> dict:
+        """``{"skipped": {reason: {"count": n, "examples": [{"at": "path:line", "detail": d}]}},
+        "repaired": {...}}``: what ``skips.json`` holds."""
+        return {
+            kind: {
+                reason: {"count": counts[reason],
+                         "examples": [{"at": origin, "detail": detail} for origin, _, detail in examples.get(reason, [])]}
+                for reason in sorted(counts, key=lambda r: (-counts[r], r))
+            }
+            for kind, counts, examples in (("skipped", self.counts, self.examples),
+                                           ("repaired", self.repairs, self.repair_examples))
+        }
+
     def short(self, kind: str = "skipped") -> str:
         """``"no_tab 3, crlf 2"``: the counts of one kind ("skipped" or "repaired") on one line."""
         counts = self.counts if kind == "skipped" else self.repairs
