@@ -279,12 +279,19 @@ def _is_interpreted() -> bool:
     return _HAS_TRITON and type(_word_pool_fwd_kernel).__name__ == "InterpretedFunction"
 
 
+def _target_capability(device: torch.device) -> tuple[int, int] | None:
+    """Compute capability the launch configuration is chosen for; None under the interpreter."""
+    if device.type == "cuda" and not _is_interpreted():
+        return torch.cuda.get_device_capability(device)
+    return None
+
+
 def _check_triton_ok(hidden: torch.Tensor) -> None:
     if not _HAS_TRITON:
         raise RuntimeError("word_pool: backend='triton' requested but triton is not installed")
     if hidden.dtype not in _TRITON_DTYPES:
         raise TypeError(f"word_pool: the Triton kernel takes fp32/fp16/bf16 hidden states, got {hidden.dtype}")
-    if hidden.device.type != "cuda" and not _is_interpreted():
+    if _target_capability(hidden.device) is None and not _is_interpreted():
         raise RuntimeError(
             f"word_pool: backend='triton' on a {hidden.device.type} tensor needs the Triton interpreter: "
             "set TRITON_INTERPRET=1 before triton is first imported (or use backend='torch'/'auto')"
@@ -293,6 +300,40 @@ def _check_triton_ok(hidden: torch.Tensor) -> None:
 
 def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+
+
+def _fwd_launch_config(
+    n_words: int, length: int, dim: int, dtype: torch.dtype, capability: tuple[int, int] | None
+) -> dict[str, int]:
+    """Tiles, warps and stages of the forward.
+
+    fp32 inputs take the IEEE (FMA, no tensor core) dot, whose operands live in registers: a
+    [64 words, 64 tokens] x [64 tokens, 64 features] tile on 4 warps needed 255 registers and
+    spilled 180 B on sm_80 (8 warps did worse: ptxas capped it at 32 registers and spilled
+    4 KB), so fp32 walks the tokens in blocks of 32 (168 registers at most, no spills).
+    fp16 / bf16 take the tf32 tensor-core dot and fit 64 x 64 x 64. The token loop branches
+    on whether a block holds any id of the tile, so it is not software-pipelined: one stage,
+    no shared-memory buffers to size per target, and every target (``capability``) gets the
+    same row today; tests/test_kernel_compile.py checks it on sm_80 / sm_86 / sm_89 / sm_90.
+    """
+    del capability
+    return {
+        "BLOCK_W": _pow2(n_words, 16, 64),
+        "BLOCK_T": _pow2(length, 16, 32 if dtype == torch.float32 else 64),
+        "BLOCK_D": _pow2(dim, 16, 64),
+        "num_warps": 4,
+        "num_stages": 1,
+    }
+
+
+def _bwd_launch_config(length: int, dim: int, capability: tuple[int, int] | None) -> dict[str, int]:
+    """Tiles and warps of the backward gather (no dot, no loop: nothing to pipeline).
+
+    64 x 128 tiles on 4 warps spilled 36-116 B (int64 addresses of 8,192 elements); 64 x 64
+    fit in at most 152 registers on every target.
+    """
+    del capability
+    return {"BLOCK_T": _pow2(length, 16, 64), "BLOCK_D": _pow2(dim, 16, 64), "num_warps": 4, "num_stages": 1}
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,10 +367,10 @@ def word_pool_forward(
     if L == 0 or D == 0:
         pooled.zero_()
         return pooled, counts, ids32, first
-    if block_sizes is None:
-        BLOCK_W, BLOCK_T, BLOCK_D = _pow2(W, 16, 64), _pow2(L, 16, 64), _pow2(D, 16, 64)
-    else:
-        BLOCK_W, BLOCK_T, BLOCK_D = block_sizes
+    cfg = _fwd_launch_config(W, L, D, hidden.dtype, _target_capability(hidden.device))
+    if block_sizes is not None:
+        cfg.update(zip(("BLOCK_W", "BLOCK_T", "BLOCK_D"), block_sizes))
+    BLOCK_W, BLOCK_T, BLOCK_D = cfg["BLOCK_W"], cfg["BLOCK_T"], cfg["BLOCK_D"]
     grid = (triton.cdiv(W, BLOCK_W), B, triton.cdiv(D, BLOCK_D))
     _word_pool_fwd_kernel[grid](
         hidden,
@@ -348,6 +389,8 @@ def word_pool_forward(
         BLOCK_W=BLOCK_W,
         BLOCK_T=BLOCK_T,
         BLOCK_D=BLOCK_D,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     return pooled, counts, ids32, first
 
@@ -373,10 +416,10 @@ def word_pool_backward(
         return grad_hidden
     if W == 0:
         return grad_hidden.zero_()
-    if block_sizes is None:
-        BLOCK_T, BLOCK_D = _pow2(L, 16, 64), _pow2(D, 16, 128)
-    else:
-        BLOCK_T, BLOCK_D = block_sizes
+    cfg = _bwd_launch_config(L, D, _target_capability(grad_pooled.device))
+    if block_sizes is not None:
+        cfg.update(zip(("BLOCK_T", "BLOCK_D"), block_sizes))
+    BLOCK_T, BLOCK_D = cfg["BLOCK_T"], cfg["BLOCK_D"]
     grid = (triton.cdiv(L, BLOCK_T), B, triton.cdiv(D, BLOCK_D))
     _word_pool_bwd_kernel[grid](
         grad_pooled,
@@ -393,6 +436,8 @@ def word_pool_backward(
         MEAN=pooling == "mean",
         BLOCK_T=BLOCK_T,
         BLOCK_D=BLOCK_D,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     return grad_hidden
 
