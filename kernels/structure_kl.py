@@ -28,9 +28,10 @@ what the kernels read, and they are exactly what the backward needs again, so th
 instead of being recomputed. Inputs may be fp32, fp16 or bf16; everything after the
 normalisation (dots, softmax statistics, gradients) is fp32.
 
-Forward: one program per tile of BLOCK_N rows keeps its rows of S_hat and T_hat in registers and
-walks the columns in tiles of BLOCK_M. For each tile it forms A_S and A_T ([BLOCK_N, BLOCK_M],
-never more) and updates, per row, an online softmax of *both* matrices: running max m and
+Forward: one program per tile of BLOCK_N rows walks the columns in tiles of BLOCK_M. For each
+tile it forms A_S and A_T ([BLOCK_N, BLOCK_M], never more), each as a sum over D in chunks of
+BLOCK_K (``_sim_tile``: no program holds a whole row, so registers and shared memory do not grow
+with D and any D works; the row chunks are re-read from L2 for every column tile), and updates, per row, an online softmax of *both* matrices: running max m and
 running sum l = sum exp(a - m), plus the running w = sum_j exp(a_T - m_T) (a_T - a_S). At the
 end lse = m + log l and
 
@@ -46,7 +47,43 @@ tile by tile from the saved per-row log-sum-exps. Then
     dS_hat_cols = dA_S.T @ S_hat_rows / tau      (kernel over column tiles, loops over rows)
 
 Each output tile is owned by exactly one program, so there are no atomics (deterministic
-results) at the price of recomputing the logits twice. When the columns are the rows themselves
+results) at the price of recomputing the logits. The backward grids are (tiles, D_S / BLOCK_DO):
+a program accumulates one [BLOCK, BLOCK_DO] chunk of features, so its accumulator does not grow
+with D either; heads wider than BLOCK_DO recompute the logits once per chunk (a compute cost,
+no memory cost: ``_GPU_BLOCK_DO`` is the widest chunk measured without spills).
+
+Launch configuration: ``_launch_config`` reads a small table keyed by compute capability
+(``_GPU_CONFIGS``, ``_GPU_BLOCK_DO``) that tests/test_kernel_compile.py checks by compiling the
+launches the code really makes for sm_80, sm_86, sm_89 and sm_90 at D = 64 ... 4096 and odd D,
+fp32 / bf16 / fp16 inputs and every precision: all fit (at most 49,152 B of shared memory and
+234 registers per thread, no spills; before: 163-172 KB of shared memory at D = 128, 11-12 KB
+of spills in the column backward, 0.8-1.3 MB at D = 768). On GPU the normalised copies are
+zero-padded to rows of 16 elements (``_normalize``): aligned loads for every D; an odd D made
+ptxas spill on sm_80.
+
+Precision
+---------
+``precision`` sets the inputs of every dot (similarities and gradient): ``"ieee"`` fp32 FMA (no
+tensor cores), ``"tf32"`` tensor cores on 10-bit-mantissa inputs, ``"bf16"`` inputs rounded to
+bf16 (7-bit mantissa), fp32 accumulation in all three. Error against the fp64 formula
+(tests/test_structure_kl.py::precision_errors: N = 64, D = 96, clustered embeddings; the
+interpreter ignores ``input_precision``, so under it the kernel rounds the dot inputs itself,
+to nearest; tensor cores may truncate instead, up to twice these errors):
+
+    precision   tau    loss rel. error   max |grad error| / max |grad|
+    ieee        0.05   2.0e-07           1.0e-06
+    ieee        0.1    8.7e-08           5.8e-07
+    tf32        0.05   3.8e-05           6.1e-04
+    tf32        0.1    4.1e-05           6.4e-04
+    bf16        0.05   4.2e-04           4.7e-03
+    bf16        0.1    3.5e-04           4.8e-03
+
+Default ``"ieee"``: it is the only one that keeps the fp32 results of the torch reference
+(1e-5 on the loss, 1e-4 on gradients, the tolerances the tests hold the kernels to); tf32
+costs ~6e-4 of the gradient and bf16 ~5e-3, i.e. at the size of a bf16 encoder's own rounding,
+and their speed-up is not measured yet (no GPU run so far). With head widths D <= 768 and
+N a batch, the loss is a small part of a training step; pass ``precision="tf32"`` where it is
+not (large N), after checking the table's errors are acceptable. When the columns are the rows themselves
 both contributions are summed into the one student gradient. The chain through the
 normalisation, dx = (dx_hat - x_hat (x_hat . dx_hat)) / max(|x|, eps) (the projection term only
 where |x| > eps, as in ``F.normalize``), and the upstream scale g are applied in torch (O(N*D)).
@@ -88,11 +125,10 @@ EPS: float = 1e-12
 #: Environment variable giving the default backend: auto | triton | torch.
 ENV_BACKEND: str = "MMKD_KERNELS"
 _BACKENDS = ("auto", "triton", "torch")
-#: fp32 x fp32 dots in IEEE precision: the default TF32 has a 10-bit mantissa, i.e. ~1e-3
-#: relative error on cosines, amplified by 1/tau in the logits. The problem is tiny
-#: (N x M x D with D = the head width) so the slower non-tensor-core path costs nothing that
-#: matters next to the encoder.
-_DOT_PRECISION = "ieee"
+#: Precisions of the similarity (and gradient) dots; see "Precision" in the module docstring.
+PRECISIONS: tuple[str, ...] = ("ieee", "tf32", "bf16")
+#: The default, chosen from the accuracy table in the module docstring.
+DEFAULT_PRECISION: str = "ieee"
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,31 +220,58 @@ def structure_kl_reference(
 if _HAS_TRITON:
 
     @triton.jit
-    def _load_rows(ptr, idx, n, d, stride, BLOCK_D: tl.constexpr):
-        """Load rows ``idx`` ([B]) of a row-major [n, d] fp32 matrix as a [B, BLOCK_D] tile.
-
-        D is padded to the power of two BLOCK_D through the mask: padded lanes and rows >= n
-        read 0, which leaves every dot product unchanged.
-        """
-        offs_d = tl.arange(0, BLOCK_D)
-        mask = (idx[:, None] < n) & (offs_d[None, :] < d)
-        return tl.load(ptr + idx[:, None] * stride + offs_d[None, :], mask=mask, other=0.0)
+    def _round_mantissa(x, DROP: tl.constexpr):
+        """fp32 ``x`` rounded to nearest (ties away from zero) on 23 - DROP mantissa bits."""
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (1 << (DROP - 1))) & ((0xFFFFFFFF >> DROP) << DROP)
+        return bits.to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _logits(rows, cols, inv_tau, PRECISION: tl.constexpr):
-        """[B_r, D] x [B_c, D] -> [B_r, B_c] scaled similarities, fp32 accumulation."""
-        return tl.dot(rows, tl.trans(cols), input_precision=PRECISION) * inv_tau
+    def _dot(a, b, acc, PRECISION: tl.constexpr, EMULATE: tl.constexpr):
+        """``acc + a @ b`` for fp32 tiles a [R, K], b [K, C], fp32 accumulation.
+
+        PRECISION "ieee" (fp32 FMA), "tf32" (tensor cores, inputs on a 10-bit mantissa) or
+        "bf16" (inputs rounded to bf16, tensor cores). The Triton interpreter ignores
+        ``input_precision`` and its bf16 dot multiplies the raw uint16 bit patterns (triton
+        3.9 ``create_dot``), so under it (EMULATE) the inputs are rounded here (tf32: 13
+        mantissa bits dropped, bf16: 16) and multiplied in fp32, which is exact for such
+        products: the CPU tests then measure the precision a GPU would have.
+        """
+        if PRECISION == "ieee":
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        elif EMULATE:
+            if PRECISION == "tf32":
+                acc = tl.dot(_round_mantissa(a, 13), _round_mantissa(b, 13), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(_round_mantissa(a, 16), _round_mantissa(b, 16), acc, input_precision="ieee")
+        elif PRECISION == "tf32":
+            acc = tl.dot(a, b, acc, input_precision="tf32")
+        else:
+            acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+        return acc
 
     @triton.jit
-    def _grad_logits_tile(s, t, sc, tc, lse_s, lse_t, mask, inv_tau, PRECISION: tl.constexpr):
-        """(p_S - p_T) on one [B_r, B_c] tile, recomputed from the per-row log-sum-exps.
+    def _sim_tile(
+        x_ptr, x_idx, n_x, stride_x, y_ptr, y_idx, n_y, stride_y, d, inv_tau,
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+        PRECISION: tl.constexpr, EMULATE: tl.constexpr,
+    ):  # fmt: skip
+        """Scaled similarities ``x[x_idx] . y[y_idx] * inv_tau`` as a [BLOCK_R, BLOCK_C] fp32 tile.
 
-        Out-of-range rows / columns are loaded as zeros, so their logits are finite (0); the
-        mask zeroes them here instead of relying on -inf arithmetic.
+        The dot runs over D in chunks of BLOCK_K (masked: padded lanes and rows out of range
+        read 0, which leaves every dot unchanged), so no program ever holds a whole row: the
+        registers and shared memory needed do not grow with D.
         """
-        p_s = tl.exp(_logits(s, sc, inv_tau, PRECISION) - lse_s[:, None])
-        p_t = tl.exp(_logits(t, tc, inv_tau, PRECISION) - lse_t[:, None])
-        return tl.where(mask, p_s - p_t, 0.0)
+        acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+        x_ok = (x_idx < n_x)[:, None]
+        y_ok = (y_idx < n_y)[None, :]
+        for k in range(0, d, BLOCK_K):
+            offs = k + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + x_idx[:, None] * stride_x + offs[None, :], mask=x_ok & (offs[None, :] < d), other=0.0)
+            # y loaded transposed ([BLOCK_K, BLOCK_C]) so the dot needs no tl.trans.
+            y = tl.load(y_ptr + y_idx[None, :] * stride_y + offs[:, None], mask=y_ok & (offs[:, None] < d), other=0.0)
+            acc = _dot(x, y, acc, PRECISION, EMULATE)
+        return acc * inv_tau
 
     @triton.jit
     def _structure_kl_fwd_kernel(
@@ -230,16 +293,13 @@ if _HAS_TRITON:
         inv_tau,
         BLOCK_N: tl.constexpr,
         BLOCK_M: tl.constexpr,
-        BLOCK_DS: tl.constexpr,
-        BLOCK_DT: tl.constexpr,
+        BLOCK_K: tl.constexpr,
         PRECISION: tl.constexpr,
+        EMULATE: tl.constexpr,
     ):
         pid = tl.program_id(0)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < n_rows
-        # The row tiles stay resident for the whole sweep over the columns.
-        s = _load_rows(s_ptr, rows, n_rows, d_s, stride_s, BLOCK_DS)
-        t = _load_rows(t_ptr, rows, n_rows, d_t, stride_t, BLOCK_DT)
 
         m_s = tl.full([BLOCK_N], float("-inf"), tl.float32)  # running max of A_S[i, :]
         l_s = tl.zeros([BLOCK_N], dtype=tl.float32)  # running sum exp(A_S - m_s)
@@ -250,10 +310,16 @@ if _HAS_TRITON:
         for start in range(0, n_cols, BLOCK_M):
             cols = start + tl.arange(0, BLOCK_M)
             col_ok = (cols < n_cols)[None, :]
-            sc = _load_rows(sc_ptr, cols, n_cols, d_s, stride_sc, BLOCK_DS)
-            tc = _load_rows(tc_ptr, cols, n_cols, d_t, stride_tc, BLOCK_DT)
-            a_s = _logits(s, sc, inv_tau, PRECISION)
-            a_t = _logits(t, tc, inv_tau, PRECISION)
+            # The row chunks are re-read for every column tile (from L2): keeping whole rows
+            # resident is what made wide heads exceed the shared memory / register budget.
+            a_s = _sim_tile(
+                s_ptr, rows, n_rows, stride_s, sc_ptr, cols, n_cols, stride_sc, d_s, inv_tau,
+                BLOCK_N, BLOCK_M, BLOCK_K, PRECISION, EMULATE,
+            )  # fmt: skip
+            a_t = _sim_tile(
+                t_ptr, rows, n_rows, stride_t, tc_ptr, cols, n_cols, stride_tc, d_t, inv_tau,
+                BLOCK_N, BLOCK_M, BLOCK_K, PRECISION, EMULATE,
+            )  # fmt: skip
             # The difference is taken on the finite logits, before masking with -inf, so that
             # no -inf - -inf = nan ever appears. (Out-of-range columns load as zeros, so their
             # difference is already 0 and e_t is 0 there; the where only makes that explicit.)
@@ -304,28 +370,43 @@ if _HAS_TRITON:
         scale,  # 1 / (N * tau): the 1/N of the mean and the 1/tau of the logits
         BLOCK_N: tl.constexpr,
         BLOCK_M: tl.constexpr,
-        BLOCK_DS: tl.constexpr,
-        BLOCK_DT: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_DO: tl.constexpr,
         PRECISION: tl.constexpr,
+        EMULATE: tl.constexpr,
     ):
+        # Grid (row tiles, output chunks of BLOCK_DO features): the accumulator is
+        # [BLOCK_N, BLOCK_DO] whatever D is; wide heads recompute the logits once per chunk.
         pid = tl.program_id(0)
+        offs_o = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < n_rows
-        s = _load_rows(s_ptr, rows, n_rows, d_s, stride_s, BLOCK_DS)
-        t = _load_rows(t_ptr, rows, n_rows, d_t, stride_t, BLOCK_DT)
         lse_s = tl.load(lse_s_ptr + rows, mask=row_mask, other=0.0)
         lse_t = tl.load(lse_t_ptr + rows, mask=row_mask, other=0.0)
-        acc = tl.zeros([BLOCK_N, BLOCK_DS], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_N, BLOCK_DO], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK_M):
             cols = start + tl.arange(0, BLOCK_M)
-            mask = row_mask[:, None] & (cols < n_cols)[None, :]
-            sc = _load_rows(sc_ptr, cols, n_cols, d_s, stride_sc, BLOCK_DS)
-            tc = _load_rows(tc_ptr, cols, n_cols, d_t, stride_tc, BLOCK_DT)
-            g = _grad_logits_tile(s, t, sc, tc, lse_s, lse_t, mask, inv_tau, PRECISION)
-            acc += tl.dot(g, sc, input_precision=PRECISION)
-        offs_d = tl.arange(0, BLOCK_DS)
-        out_mask = row_mask[:, None] & (offs_d[None, :] < d_s)
-        tl.store(ds_ptr + rows[:, None] * stride_ds + offs_d[None, :], acc * scale, mask=out_mask)
+            col_ok = cols < n_cols
+            a_s = _sim_tile(
+                s_ptr, rows, n_rows, stride_s, sc_ptr, cols, n_cols, stride_sc, d_s, inv_tau,
+                BLOCK_N, BLOCK_M, BLOCK_K, PRECISION, EMULATE,
+            )  # fmt: skip
+            a_t = _sim_tile(
+                t_ptr, rows, n_rows, stride_t, tc_ptr, cols, n_cols, stride_tc, d_t, inv_tau,
+                BLOCK_N, BLOCK_M, BLOCK_K, PRECISION, EMULATE,
+            )  # fmt: skip
+            # (p_S - p_T) from the saved per-row log-sum-exps. Out-of-range rows / columns
+            # have finite logits (zero loads); the mask zeroes them instead of -inf arithmetic.
+            g = tl.exp(a_s - lse_s[:, None]) - tl.exp(a_t - lse_t[:, None])
+            g = tl.where(row_mask[:, None] & col_ok[None, :], g, 0.0)
+            sc = tl.load(
+                sc_ptr + cols[:, None] * stride_sc + offs_o[None, :],
+                mask=col_ok[:, None] & (offs_o[None, :] < d_s),
+                other=0.0,
+            )
+            acc = _dot(g, sc, acc, PRECISION, EMULATE)
+        out_mask = row_mask[:, None] & (offs_o[None, :] < d_s)
+        tl.store(ds_ptr + rows[:, None] * stride_ds + offs_o[None, :], acc * scale, mask=out_mask)
 
     @triton.jit
     def _structure_kl_bwd_cols_kernel(
@@ -349,31 +430,43 @@ if _HAS_TRITON:
         scale,
         BLOCK_N: tl.constexpr,
         BLOCK_M: tl.constexpr,
-        BLOCK_DS: tl.constexpr,
-        BLOCK_DT: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_DO: tl.constexpr,
         PRECISION: tl.constexpr,
+        EMULATE: tl.constexpr,
     ):
-        # Transposed sweep: this program owns BLOCK_M columns and loops over all row tiles, so
-        # dS_hat_cols needs no atomics (each column tile is written by exactly one program).
+        # Transposed sweep: this program owns BLOCK_M columns (and one chunk of BLOCK_DO
+        # features) and loops over all row tiles, so dS_hat_cols needs no atomics. The logits
+        # are formed rows x columns as in the other kernels (same summation order, so the two
+        # gradients see bit-identical logits) and the (p_S - p_T) tile is transposed instead.
         pid = tl.program_id(0)
+        offs_o = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
         cols = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         col_mask = cols < n_cols
-        sc = _load_rows(sc_ptr, cols, n_cols, d_s, stride_sc, BLOCK_DS)
-        tc = _load_rows(tc_ptr, cols, n_cols, d_t, stride_tc, BLOCK_DT)
-        acc = tl.zeros([BLOCK_M, BLOCK_DS], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DO], dtype=tl.float32)
         for start in range(0, n_rows, BLOCK_N):
             rows = start + tl.arange(0, BLOCK_N)
-            row_mask = rows < n_rows
-            mask = row_mask[:, None] & col_mask[None, :]
-            s = _load_rows(s_ptr, rows, n_rows, d_s, stride_s, BLOCK_DS)
-            t = _load_rows(t_ptr, rows, n_rows, d_t, stride_t, BLOCK_DT)
-            lse_s = tl.load(lse_s_ptr + rows, mask=row_mask, other=0.0)
-            lse_t = tl.load(lse_t_ptr + rows, mask=row_mask, other=0.0)
-            g = _grad_logits_tile(s, t, sc, tc, lse_s, lse_t, mask, inv_tau, PRECISION)
-            acc += tl.dot(tl.trans(g), s, input_precision=PRECISION)
-        offs_d = tl.arange(0, BLOCK_DS)
-        out_mask = col_mask[:, None] & (offs_d[None, :] < d_s)
-        tl.store(dsc_ptr + cols[:, None] * stride_dsc + offs_d[None, :], acc * scale, mask=out_mask)
+            row_ok = rows < n_rows
+            lse_s = tl.load(lse_s_ptr + rows, mask=row_ok, other=0.0)
+            lse_t = tl.load(lse_t_ptr + rows, mask=row_ok, other=0.0)
+            a_s = _sim_tile(
+                s_ptr, rows, n_rows, stride_s, sc_ptr, cols, n_cols, stride_sc, d_s, inv_tau,
+                BLOCK_N, BLOCK_M, BLOCK_K, PRECISION, EMULATE,
+            )  # fmt: skip
+            a_t = _sim_tile(
+                t_ptr, rows, n_rows, stride_t, tc_ptr, cols, n_cols, stride_tc, d_t, inv_tau,
+                BLOCK_N, BLOCK_M, BLOCK_K, PRECISION, EMULATE,
+            )  # fmt: skip
+            g = tl.exp(a_s - lse_s[:, None]) - tl.exp(a_t - lse_t[:, None])  # [BLOCK_N, BLOCK_M]
+            g = tl.where(row_ok[:, None] & col_mask[None, :], g, 0.0)
+            s = tl.load(
+                s_ptr + rows[:, None] * stride_s + offs_o[None, :],
+                mask=row_ok[:, None] & (offs_o[None, :] < d_s),
+                other=0.0,
+            )
+            acc = _dot(tl.trans(g), s, acc, PRECISION, EMULATE)
+        out_mask = col_mask[:, None] & (offs_o[None, :] < d_s)
+        tl.store(dsc_ptr + cols[:, None] * stride_dsc + offs_o[None, :], acc * scale, mask=out_mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,6 +477,13 @@ if _HAS_TRITON:
 def _interpreter_active() -> bool:
     """True when the kernels were built by the Triton interpreter (TRITON_INTERPRET=1 at import)."""
     return _HAS_TRITON and type(_structure_kl_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+def _target_capability(device: torch.device) -> tuple[int, int] | None:
+    """Compute capability the launch configuration is chosen for; None under the interpreter."""
+    if device.type == "cuda" and not _interpreter_active():
+        return torch.cuda.get_device_capability(device)
+    return None
 
 
 def _next_pow2(x: int) -> int:
@@ -398,43 +498,108 @@ def _check_block(name: str, value: int, minimum: int) -> int:
     return value
 
 
-def _launch_config(
-    n: int, m: int, d_s: int, d_t: int, device: torch.device, block_n: int | None, block_m: int | None
-) -> dict[str, int]:
-    """Block sizes (powers of two) and warps.
+#: Launch configuration per GPU generation: (BLOCK_N, BLOCK_M, BLOCK_K, num_warps, num_stages).
+#: A program holds two [BLOCK_N, BLOCK_M] fp32 logit tiles and, per pipeline stage, one
+#: [BLOCK_N + BLOCK_M, BLOCK_K] fp32 chunk of the inputs in shared memory: none of it grows
+#: with D, so one row per generation serves every head width. Chosen with the compile check
+#: (tests/test_kernel_compile.py; figures in the module docstring): 64 x 64 tiles on 8 warps
+#: with 16-wide D chunks and two stages is the largest tiling measured that has no register
+#: spills for all three precisions on sm_80 and sm_90 (4 warps, 32-wide chunks or three
+#: stages spilled 8-190 B somewhere) and it uses <= 24 KB of shared memory, so the
+#: 101,376 B parts (sm_86 / sm_89) take the same row.
+_GPU_CONFIGS: dict[tuple[int, int], tuple[int, int, int, int, int]] = {
+    (8, 0): (64, 64, 16, 8, 2),
+    (8, 6): (64, 64, 16, 8, 2),
+    (8, 9): (64, 64, 16, 8, 2),
+    (9, 0): (64, 64, 16, 8, 2),
+}
+#: Any other capability gets the row of the smallest shared-memory budget.
+_GPU_FALLBACK = (8, 6)
+#: Output chunk of the backward kernels per precision: the [BLOCK_N, BLOCK_DO] accumulator,
+#: one program per (tile, chunk); wider chunks recompute the logits fewer times. The FMA
+#: ("ieee") dot keeps its operands in registers and spills from 64 on; the tensor-core dots
+#: fit 128 without spills.
+_GPU_BLOCK_DO: dict[str, int] = {"ieee": 32, "tf32": 128, "bf16": 128}
+#: Rows of the normalised copies are zero-padded to a multiple of this many elements on GPU
+#: (see _normalize); not under the interpreter, where alignment buys nothing.
+_GPU_ROW_ALIGN = 16
+_INTERP_ROW_ALIGN = 1
+#: Under the interpreter (CPU tests): small D chunks so that every test shape walks several
+#: (wider ones for wide heads, see _launch_config).
+_INTERP_BLOCK_K = 16
+_INTERP_BLOCK_DO = 32
 
-    On CUDA tl.dot wants every tile dimension >= 16. The row tiles of S_hat and T_hat stay in
-    registers (2 * BLOCK_N * BLOCK_D fp32), so wide heads take fewer rows per program and more
-    warps. Under the interpreter (CPU) any power of two works; small blocks are how the tests
-    exercise the multi-tile paths.
+
+def _launch_config(
+    n: int,
+    m: int,
+    d_s: int,
+    capability: tuple[int, int] | None,
+    block_n: int | None,
+    block_m: int | None,
+    precision: str = "ieee",
+) -> dict[str, int]:
+    """Block sizes (powers of two), warps and pipeline stages for ``capability``.
+
+    ``capability`` None means the interpreter: any power of two works there (tl.dot on CUDA
+    wants every tile dimension >= 16), and small blocks are how the tests exercise the
+    multi-tile paths. ``block_n`` / ``block_m`` override the table.
     """
-    on_gpu = device.type == "cuda" and not _interpreter_active()
-    minimum = 16 if on_gpu else 1
-    bds = max(_next_pow2(d_s), minimum)
-    bdt = max(_next_pow2(d_t), minimum)
-    widest = max(bds, bdt)
-    if block_n is None:
-        block_n = 64 if widest <= 64 else 32
-        if not on_gpu:
-            block_n = min(block_n, max(_next_pow2(n), 1))
-    if block_m is None:
-        block_m = 64
-        if not on_gpu:
-            block_m = min(block_m, max(_next_pow2(m), 1))
+    if capability is None:
+        minimum = 1
+        bn = block_n if block_n is not None else min(64, _next_pow2(max(n, 1)))
+        bm = block_m if block_m is not None else min(64, _next_pow2(max(m, 1)))
+        # At least 16 / 32 wide so that the test shapes walk several chunks, at most a quarter
+        # of the padded width so that wide heads stay at ~4 chunks (interpreted ops are slow).
+        quarter = _next_pow2(d_s) // 4
+        bk, bdo, warps, stages = max(_INTERP_BLOCK_K, quarter), max(_INTERP_BLOCK_DO, quarter), 4, 1
+    else:
+        minimum = 16
+        row = _GPU_CONFIGS.get(tuple(capability), _GPU_CONFIGS[_GPU_FALLBACK])
+        bn = block_n if block_n is not None else row[0]
+        bm = block_m if block_m is not None else row[1]
+        bk, warps, stages = row[2], row[3], row[4]
+        bdo = _GPU_BLOCK_DO[precision]
+    # The output chunk never needs to be wider than the (padded) head.
+    bdo = max(minimum, min(bdo, _next_pow2(d_s)))
     return {
-        "BLOCK_N": _check_block("block_n", block_n, minimum),
-        "BLOCK_M": _check_block("block_m", block_m, minimum),
-        "BLOCK_DS": bds,
-        "BLOCK_DT": bdt,
-        "num_warps": 4 if widest <= 64 else 8,
+        "BLOCK_N": _check_block("block_n", bn, minimum),
+        "BLOCK_M": _check_block("block_m", bm, minimum),
+        "BLOCK_K": bk,
+        "BLOCK_DO": bdo,
+        "num_warps": warps,
+        "num_stages": stages,
     }
 
 
-def _normalize(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """fp32 ``(x_hat [R, D] contiguous, norms [R])`` with ``x_hat = x / max(|x|, eps)``."""
+def _check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"structure_kl: precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision
+
+
+def _row_align(capability: tuple[int, int] | None) -> int:
+    """Row width (elements) the normalised copies are zero-padded to for the kernels."""
+    return _INTERP_ROW_ALIGN if capability is None else _GPU_ROW_ALIGN
+
+
+def _normalize(x: Tensor, eps: float, align: int = 1) -> tuple[Tensor, Tensor]:
+    """fp32 ``(x_hat [R, D], norms [R])`` with ``x_hat = x / max(|x|, eps)``.
+
+    ``x_hat`` is a view of a zero-padded [R, D_pad] buffer, D_pad = D rounded up to ``align``
+    (``x_hat.stride(0)`` = D_pad). The kernels are given D_pad as the width: the zero columns
+    change no dot product, and rows whose width and stride are multiples of 16 elements get
+    aligned, vectorised loads for every D (an odd D made ptxas spill on sm_80).
+    """
     xf = x.detach().float()
     norm = torch.linalg.vector_norm(xf, dim=-1)
-    return (xf / norm.clamp_min(eps)[:, None]).contiguous(), norm
+    r, d = xf.shape
+    width = -(-d // align) * align
+    if width == d:
+        return (xf / norm.clamp_min(eps)[:, None]).contiguous(), norm
+    buf = xf.new_zeros(r, width)
+    buf[:, :d] = xf / norm.clamp_min(eps)[:, None]
+    return buf[:, :d], norm
 
 
 def _normalize_backward(grad_hat: Tensor, x_hat: Tensor, norm: Tensor, eps: float) -> Tensor:
@@ -458,12 +623,14 @@ def structure_kl_forward(
     eps: float = EPS,
     block_n: int | None = None,
     block_m: int | None = None,
+    precision: str = DEFAULT_PRECISION,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """Triton forward.
 
     Args:
         student [N, D_S], teacher [N, D_T], student_cols [M, D_S] | None, teacher_cols [M, D_T]
-        | None (None: the rows are the columns), tau > 0, eps, optional block sizes.
+        | None (None: the rows are the columns), tau > 0, eps, optional block sizes, precision
+        of the dots (ieee | tf32 | bf16).
     Returns:
         ``(loss, saved)``: loss is a 0-dim fp32 tensor, ``saved`` = ``(s_hat [N, D_S],
         t_hat [N, D_T], s_norm [N], sc_hat [M, D_S], tc_hat [M, D_T], sc_norm [M], lse_s [N],
@@ -471,16 +638,20 @@ def structure_kl_forward(
         are the rows). Requires N >= 1 and M >= 1.
     """
     n = student.shape[0]
-    s_hat, s_norm = _normalize(student, eps)
-    t_hat, _ = _normalize(teacher, eps)
+    capability = _target_capability(student.device)
+    align = _row_align(capability)
+    s_hat, s_norm = _normalize(student, eps, align)
+    t_hat, _ = _normalize(teacher, eps, align)
     if student_cols is None:
         sc_hat, tc_hat, sc_norm = s_hat, t_hat, s_norm
     else:
         assert teacher_cols is not None
-        sc_hat, sc_norm = _normalize(student_cols, eps)
-        tc_hat, _ = _normalize(teacher_cols, eps)
+        sc_hat, sc_norm = _normalize(student_cols, eps, align)
+        tc_hat, _ = _normalize(teacher_cols, eps, align)
     m = sc_hat.shape[0]
-    cfg = _launch_config(n, m, s_hat.shape[1], t_hat.shape[1], student.device, block_n, block_m)
+    cfg = _launch_config(
+        n, m, s_hat.stride(0), capability, block_n, block_m, _check_precision(precision)
+    )
 
     kl = torch.empty(n, dtype=torch.float32, device=student.device)
     lse_s = torch.empty_like(kl)
@@ -488,11 +659,12 @@ def structure_kl_forward(
     grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
     _structure_kl_fwd_kernel[grid](
         s_hat, t_hat, sc_hat, tc_hat, kl, lse_s, lse_t,
-        n, m, s_hat.shape[1], t_hat.shape[1],
+        n, m, s_hat.stride(0), t_hat.stride(0),  # padded widths (see _normalize)
         s_hat.stride(0), t_hat.stride(0), sc_hat.stride(0), tc_hat.stride(0),
         1.0 / tau,
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], BLOCK_DS=cfg["BLOCK_DS"],
-        BLOCK_DT=cfg["BLOCK_DT"], PRECISION=_DOT_PRECISION, num_warps=cfg["num_warps"],
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"],
+        PRECISION=_check_precision(precision), EMULATE=_interpreter_active(),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     # The mean over rows is a [N] reduction in torch: deterministic, no atomics.
     loss = kl.sum() / n
@@ -509,6 +681,7 @@ def structure_kl_backward(
     need_cols: bool = True,
     block_n: int | None = None,
     block_m: int | None = None,
+    precision: str = DEFAULT_PRECISION,
 ) -> tuple[Tensor | None, Tensor | None]:
     """Triton backward.
 
@@ -526,11 +699,18 @@ def structure_kl_backward(
     s_hat, t_hat, s_norm, sc_hat, tc_hat, sc_norm, lse_s, lse_t = saved
     n, m = s_hat.shape[0], sc_hat.shape[0]
     d_s = s_hat.shape[1]
-    cfg = _launch_config(n, m, d_s, t_hat.shape[1], s_hat.device, block_n, block_m)
+    # The kernels walk the padded rows (zeros past D, see _normalize) and write padded
+    # gradient rows, sliced back to D below.
+    w_s, w_t = s_hat.stride(0), t_hat.stride(0)
+    cfg = _launch_config(
+        n, m, w_s, _target_capability(s_hat.device), block_n, block_m, _check_precision(precision)
+    )
     meta = dict(
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], BLOCK_DS=cfg["BLOCK_DS"],
-        BLOCK_DT=cfg["BLOCK_DT"], PRECISION=_DOT_PRECISION, num_warps=cfg["num_warps"],
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"],
+        BLOCK_DO=cfg["BLOCK_DO"], PRECISION=_check_precision(precision),
+        EMULATE=_interpreter_active(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
+    n_chunks = triton.cdiv(w_s, cfg["BLOCK_DO"])
     inv_tau = 1.0 / tau
     scale = 1.0 / (n * tau)
     g = grad_output.to(device=s_hat.device, dtype=torch.float32)
@@ -539,22 +719,24 @@ def structure_kl_backward(
 
     ds_hat = dsc_hat = None
     if need_rows:
-        ds_hat = torch.empty_like(s_hat)
-        _structure_kl_bwd_rows_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
+        ds_hat = s_hat.new_empty(n, w_s)
+        _structure_kl_bwd_rows_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), n_chunks)](
             s_hat, t_hat, sc_hat, tc_hat, lse_s, lse_t, ds_hat,
-            n, m, d_s, t_hat.shape[1],
+            n, m, w_s, w_t,
             s_hat.stride(0), t_hat.stride(0), sc_hat.stride(0), tc_hat.stride(0), ds_hat.stride(0),
             inv_tau, scale, **meta,
         )  # fmt: skip
     if need_cols:
-        dsc_hat = torch.empty_like(sc_hat)
-        _structure_kl_bwd_cols_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
+        dsc_hat = sc_hat.new_empty(m, w_s)
+        _structure_kl_bwd_cols_kernel[(triton.cdiv(m, cfg["BLOCK_M"]), n_chunks)](
             s_hat, t_hat, sc_hat, tc_hat, lse_s, lse_t, dsc_hat,
-            n, m, d_s, t_hat.shape[1],
+            n, m, w_s, w_t,
             s_hat.stride(0), t_hat.stride(0), sc_hat.stride(0), tc_hat.stride(0), dsc_hat.stride(0),
             inv_tau, scale, **meta,
         )  # fmt: skip
 
+    ds_hat = None if ds_hat is None else ds_hat[:, :d_s]
+    dsc_hat = None if dsc_hat is None else dsc_hat[:, :d_s]
     if cols_are_rows:
         assert ds_hat is not None and dsc_hat is not None
         # Same tensor on both sides of A_S = S_hat S_hat^T: the two contributions add.
@@ -578,9 +760,10 @@ class StructureKLFunction(torch.autograd.Function):
         eps: float,
         block_n: int | None,
         block_m: int | None,
+        precision: str,
     ) -> Tensor:
         loss, saved = structure_kl_forward(
-            student, teacher, student_cols, teacher_cols, tau, eps, block_n, block_m
+            student, teacher, student_cols, teacher_cols, tau, eps, block_n, block_m, precision
         )
         cols_are_rows = student_cols is None
         if cols_are_rows:
@@ -591,6 +774,7 @@ class StructureKLFunction(torch.autograd.Function):
             ctx.save_for_backward(*saved)
         ctx.cols_are_rows = cols_are_rows
         ctx.tau, ctx.eps, ctx.block_n, ctx.block_m = tau, eps, block_n, block_m
+        ctx.precision = precision
         ctx.student_dtype = student.dtype
         ctx.cols_dtype = None if student_cols is None else student_cols.dtype
         return loss
@@ -599,7 +783,7 @@ class StructureKLFunction(torch.autograd.Function):
     def backward(ctx, grad_output: Tensor):
         need_rows, need_cols = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         if not (need_rows or need_cols):
-            return (None,) * 8
+            return (None,) * 9
         if ctx.cols_are_rows:
             s_hat, t_hat, s_norm, lse_s, lse_t = ctx.saved_tensors
             saved = (s_hat, t_hat, s_norm, s_hat, t_hat, s_norm, lse_s, lse_t)
@@ -607,11 +791,11 @@ class StructureKLFunction(torch.autograd.Function):
             saved = ctx.saved_tensors
         d_rows, d_cols = structure_kl_backward(
             grad_output, saved, ctx.tau, ctx.cols_are_rows, ctx.eps,
-            need_rows, need_cols, ctx.block_n, ctx.block_m,
+            need_rows, need_cols, ctx.block_n, ctx.block_m, ctx.precision,
         )  # fmt: skip
         d_rows = d_rows.to(ctx.student_dtype) if (d_rows is not None and need_rows) else None
         d_cols = d_cols.to(ctx.cols_dtype) if (d_cols is not None and need_cols) else None
-        return d_rows, None, d_cols, None, None, None, None, None
+        return d_rows, None, d_cols, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -657,6 +841,7 @@ def structure_kl(
     eps: float = EPS,
     block_n: int | None = None,
     block_m: int | None = None,
+    precision: str = DEFAULT_PRECISION,
 ) -> Tensor:
     """Structure-level KL ``(1/N) sum_i KL(softmax(A_T[i]) || softmax(A_S[i]))``.
 
@@ -670,11 +855,14 @@ def structure_kl(
         backend: "auto" (``MMKD_KERNELS`` if set, else Triton on CUDA / torch elsewhere),
             "triton" (also on CPU under ``TRITON_INTERPRET=1``) or "torch".
         eps: row-normalisation epsilon (``F.normalize``'s default).
-        block_n, block_m: Triton row / column tile sizes (powers of two); None = defaults.
+        block_n, block_m: Triton row / column tile sizes (powers of two); None = the table.
+        precision: Triton dots in "ieee" fp32, "tf32" or "bf16" (fp32 accumulation); see the
+            module docstring for the accuracy of each. The torch path ignores it (fp32).
     Returns:
         0-dim float32 loss. The Triton path holds O((N + M) * D) memory, never [N, M].
     """
     _check_inputs(student, teacher, student_cols, teacher_cols, tau)
+    _check_precision(precision)
     if _resolve_backend(backend, student.device) == "torch":
         return structure_kl_reference(
             student, teacher, tau, student_cols=student_cols, teacher_cols=teacher_cols, eps=eps
@@ -685,5 +873,5 @@ def structure_kl(
         zero = student.float().sum() * 0.0
         return zero if student_cols is None else zero + student_cols.float().sum() * 0.0
     return StructureKLFunction.apply(
-        student, teacher, student_cols, teacher_cols, float(tau), float(eps), block_n, block_m
+        student, teacher, student_cols, teacher_cols, float(tau), float(eps), block_n, block_m, precision
     )
