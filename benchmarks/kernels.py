@@ -114,10 +114,15 @@ def _has_param(fn: Callable, name: str) -> bool:
         return False
 
 
-def structure_kl_triton_fn() -> tuple[Callable | None, str | None]:
+def structure_kl_triton_fn(precision: str | None = None) -> tuple[Callable | None, str | None]:
+    """The Triton structure_kl; ``precision`` (ieee | tf32 | bf16) of its dots, None = its default."""
     if not _has_param(SKL.structure_kl, "backend"):
         return None, "not available (structure_kl has no backend argument)"
-    return (lambda s, t, tau: SKL.structure_kl(s, t, tau, backend="triton")), None
+    if precision is None:
+        return (lambda s, t, tau: SKL.structure_kl(s, t, tau, backend="triton")), None
+    if not _has_param(SKL.structure_kl, "precision"):
+        return None, "not available (structure_kl has no precision argument)"
+    return (lambda s, t, tau: SKL.structure_kl(s, t, tau, backend="triton", precision=precision)), None
 
 
 def word_pool_triton_fn() -> tuple[Callable | None, str | None]:
@@ -242,7 +247,7 @@ def new_compiled(fn: Callable) -> Callable:
 
 def bench_structure_kl(args, device: torch.device, timer: Timer, run_triton: bool, log) -> list[dict[str, Any]]:
     dtype = getattr(torch, args.dtype)
-    triton_fn, triton_missing = structure_kl_triton_fn()
+    triton_fn, triton_missing = structure_kl_triton_fn(args.precision)
     rows = []
     for d in args.d:
         for n in args.n:
@@ -286,7 +291,8 @@ def bench_structure_kl(args, device: torch.device, timer: Timer, run_triton: boo
                 log(f"structure_kl N={n} D={d} {impl}: {describe_time(cells[impl])}")
             del student, teacher
             cleanup(device)
-            rows.append({"op": "structure_kl", "N": n, "D": d, "dtype": args.dtype, "tau": args.tau, "cells": cells,
+            rows.append({"op": "structure_kl", "N": n, "D": d, "dtype": args.dtype, "tau": args.tau,
+                         "precision": args.precision or getattr(SKL, "DEFAULT_PRECISION", "ieee"), "cells": cells,
                          **derived(cells)})
     return rows
 
@@ -617,6 +623,8 @@ def parse_args(argv=None):
     p.add_argument("--n", type=int, nargs="+", default=None, help="structure_kl N grid (default 1024 4096 16384 65536)")
     p.add_argument("--d", type=int, nargs="+", default=None, help="structure_kl D grid (default 128 768)")
     p.add_argument("--tau", type=float, default=1.0)
+    p.add_argument("--precision", choices=("ieee", "tf32", "bf16"), default=None,
+                   help="structure_kl Triton dots (default: the kernel's DEFAULT_PRECISION)")
     p.add_argument("--wp-shape", type=int, nargs=3, metavar=("B", "L", "D"), default=None,
                    help="word_pool hidden shape (default 256 128 768)")
     p.add_argument("--words-per-token", type=float, default=0.75)
