@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mmkd_ds.launcher_watch import launchers_at_start
+
+    launchers_at_start()  # before the slow imports: a launcher that dies meanwhile is still noticed
     from mmkd_ds.config import ConfigError, load_config
 
     args, overrides = build_parser().parse_known_args(argv)

@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 
 from mmkd_ds.config import ConfigError, load_config
@@ -25,7 +27,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Stopped(BaseException):
+    """SIGTERM, SIGINT, or the job's launcher gone: the shard being written is removed, the
+    finished ones are kept, and the same command continues later."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stopped(signum, frame) -> None:
+    raise Stopped(signum)
+
+
+def _launcher_gone(launcher: str) -> None:
+    print(f"mmkd-precompute: {launcher} exited; stopping", file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)  # handled in the main thread, like a scheduler's SIGTERM
+
+
 def main(argv: list[str] | None = None) -> int:
+    from mmkd_ds.launcher_watch import LauncherWatch, launchers_at_start
+
+    launchers_at_start()  # before anything slow: see mmkd_ds.launcher_watch
     args, overrides = build_parser().parse_known_args(argv)
     try:
         cfg = load_config(args.config, overrides)
@@ -39,11 +62,18 @@ def main(argv: list[str] | None = None) -> int:
     from mmkd_ds.shards.writer import DiskFullError
 
     place = process_place()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _raise_stopped)
+    LauncherWatch(_launcher_gone).start()
     try:
         summary = run_precompute(cfg, place)
     except (CorpusError, ManifestError, DiskFullError, FileNotFoundError, ValueError) as exc:
         print(f"mmkd-precompute: {exc}", file=sys.stderr)
         return 2
+    except Stopped as stop:
+        print(f"mmkd-precompute: stopped by {stop}; finished shards are kept, the same command continues",
+              file=sys.stderr)
+        return 128 + stop.signum
     prefix = f"[rank {place.rank}/{place.world_size}] " if place.world_size > 1 else ""
     if place.rank == 0 and summary.report():  # the same corpus on every rank: report it once
         print("precompute: input " + summary.report(), flush=True)

@@ -332,7 +332,7 @@ def train(cfg: RunConfig, ds_config_path: str | None, resume: bool = False) -> T
             last_tag = checkpoint()
             preempted = True
             if place.is_main:
-                tqdm.write(f"step {step}: {preemption.signal_name or 'SIGTERM'} received, checkpoint {last_tag} saved")
+                tqdm.write(f"step {step}: {preemption.reason}, checkpoint {last_tag} saved")
             break
         if step == cfg.train.stop_at and step < schedule.steps:
             last_tag = checkpoint()
@@ -343,6 +343,7 @@ def train(cfg: RunConfig, ds_config_path: str | None, resume: bool = False) -> T
         if cfg.train.save_every and step % cfg.train.save_every == 0:
             last_tag = checkpoint()
     bar.close()
+    preemption.close()
 
     if not preempted and last_tag != f"step{step:08d}":
         last_tag = checkpoint()
