@@ -271,6 +271,40 @@ def test_disk_full_is_one_line_exit_2_and_leaves_no_temporary(tmp_path, teacher_
     assert shard_bytes(out) == shard_bytes(reference)
 
 
+def test_sigterm_keeps_finished_shards_and_removes_the_temporary(tmp_path, teacher_dir, monkeypatch, capsys):
+    """SIGTERM (or the launcher's exit, which the watch turns into one) in the middle of a
+    shard: that shard's temporary file is removed, the finished ones stay, exit 143; the same
+    command then completes the run."""
+    import signal
+
+    from mmkd_ds.cli.precompute import main
+    from mmkd_ds.shards import writer
+
+    glob = str(small_corpus(tmp_path) / "*.tsv")
+    out = tmp_path / "stopped"
+    real_write, calls = writer._write_all, []
+
+    def signalled(f, data):
+        if ".tar.tmp-" in Path(f.name).name:
+            calls.append(len(data))
+            if len(calls) == 3:
+                f.write(data[: len(data) // 2])
+                os.kill(os.getpid(), signal.SIGTERM)
+        real_write(f, data)
+
+    monkeypatch.setattr(writer, "_write_all", signalled)
+    cfg = write_config(tmp_path, teacher_dir, glob, out, 20)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["--config", str(cfg)]) == 143
+    assert signal.getsignal(signal.SIGTERM) is before  # handlers given back
+    assert "mmkd-precompute: stopped by SIGTERM; finished shards are kept" in capsys.readouterr().err
+    assert not list(out.glob(".*.tmp-*")) and not list((out / INDEX_DIR).glob(".*.tmp-*"))
+    assert sorted(p.name for p in out.glob("shard-*.tar")) == ["shard-000000.tar", "shard-000001.tar"]
+    monkeypatch.setattr(writer, "_write_all", real_write)
+    assert main(["--config", str(cfg)]) == 0
+    assert "(2 already complete)" in capsys.readouterr().out
+
+
 def test_successful_run_reports_skipped_and_repaired_lines(tmp_path, teacher_dir, capsys):
     """The per-reason counts with file:line examples are printed at the end of every precompute
     (not only when nothing is usable), repairs included, and written to skips.json."""

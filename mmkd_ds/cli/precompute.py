@@ -62,9 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     from mmkd_ds.shards.writer import DiskFullError
 
     place = process_place()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _raise_stopped)
-    LauncherWatch(_launcher_gone).start()
+    previous = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGTERM, signal.SIGINT)}
+    watch = LauncherWatch(_launcher_gone).start()
     try:
         summary = run_precompute(cfg, place)
     except (CorpusError, ManifestError, DiskFullError, FileNotFoundError, ValueError) as exc:
@@ -74,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mmkd-precompute: stopped by {stop}; finished shards are kept, the same command continues",
               file=sys.stderr)
         return 128 + stop.signum
+    finally:
+        watch.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     prefix = f"[rank {place.rank}/{place.world_size}] " if place.world_size > 1 else ""
     if place.rank == 0 and summary.report():  # the same corpus on every rank: report it once
         print("precompute: input " + summary.report(), flush=True)
