@@ -50,12 +50,30 @@ def init_distributed():
             port = s.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend)
+    with _shm_op_build_watch():
+        deepspeed.init_distributed(dist_backend=backend)
     place = process_place()
     if torch.cuda.is_available():
         torch.cuda.set_device(place.local_rank)
         return place, torch.device("cuda", place.local_rank)
     return place, torch.device("cpu")
+
+
+def _shm_op_build_watch():
+    """On CPU, DeepSpeed builds its communication op here (mmkd_ds.extension_lock): a build
+    cache per environment, a lock left by a dead builder removed, and a wait that says on what."""
+    import contextlib
+
+    import torch
+
+    if torch.cuda.is_available():
+        return contextlib.nullcontext()
+    from mmkd_ds.extension_lock import LockWaitReport, clear_stale_lock, lock_path
+
+    lock = lock_path()  # also points TORCH_EXTENSIONS_DIR into this environment when unset
+    if process_place().local_rank == 0 and clear_stale_lock(lock):
+        print(f"removed {lock}: a build lock of DeepSpeed's CPU op that no living process holds", flush=True)
+    return LockWaitReport(lock, f"rank {os.environ.get('RANK', '0')}: DeepSpeed's CPU communication op")
 
 
 def shutdown() -> None:
