@@ -8,6 +8,7 @@ one student forward (see models/mmkd.py) and, in online mode, one teacher forwar
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,8 +81,22 @@ def build_student(cfg: RunConfig):
     path = check_model_source("student.name", cfg.student.name)
     with explained_load(tok_key, tok_name):
         tokenizer = AutoTokenizer.from_pretrained(tok_path, **kwargs)
-    with explained_load("student.name", cfg.student.name):
-        student = AutoModelForMaskedLM.from_pretrained(path, **kwargs)
+    # A masked-LM loaded from an encoder or pre-training checkpoint (bert-base-multilingual-cased,
+    # or an export of this project, which carries a pooler) leaves the pooler and the NSP head
+    # unused: transformers prints a table for that on every rank. Keep it quiet and warn only
+    # about keys that matter (a missing weight is newly initialised).
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with explained_load("student.name", cfg.student.name):
+            student, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    odd = sorted({*info.get("missing_keys", ()),
+                  *(k for k in info.get("unexpected_keys", ()) if "pooler." not in k and "seq_relationship" not in k)})
+    if odd and os.environ.get("RANK", "0") == "0":
+        shown = ", ".join(odd[:6]) + (f" and {len(odd) - 6} more" if len(odd) > 6 else "")
+        log.warning("student.name=%s: weights missing (newly initialised) or not used: %s", cfg.student.name, shown)
     return student, tokenizer
 
 
@@ -353,7 +368,8 @@ def train(cfg: RunConfig, ds_config_path: str | None, resume: bool = False) -> T
         if place.is_main:
             from mmkd_ds.training.export import export_student
 
-            export_dir = export_student(ckpt_dir, last_tag, cfg.student.name, tokenizer, out_dir / "student")
+            revision = None if Path(cfg.student.name).exists() else cfg.student.revision
+            export_dir = export_student(ckpt_dir, last_tag, cfg.student.name, tokenizer, out_dir / "student", revision)
         torch.distributed.barrier()
     return TrainResult(step, time.perf_counter() - started, samples_done, skipped_total, preempted,
                        last_losses, last_tag, export_dir)
