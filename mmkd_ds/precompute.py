@@ -56,6 +56,7 @@ class PrecomputeSummary:
     manifest_path: Path | None
     corpus: Corpus
     shards_rebuilt: int = 0  # complete by size, but not by the sha256 of their _index record
+    world_size: int = 1  # processes sharing the shards (each summary is one process's)
 
     def report(self) -> str:
         """The skipped and repaired input lines per reason with their first ``path:line``s ("" if
@@ -69,6 +70,12 @@ class PrecomputeSummary:
         skipped = self.corpus.log.total_skipped
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.corpus.log.counts.items())) or "none"
         done = f"manifest {self.manifest_path}" if self.manifest_path else "manifest pending (other ranks still writing)"
+        if not self.shards_written:  # a re-run of a finished job: no rate to speak of
+            whose = " of this rank" if self.world_size > 1 else ""
+            state = (f"all {self.shards_skipped} shards{whose} complete" if self.shards_skipped
+                     else "no shard falls to this rank")
+            return (f"precompute: nothing to do: {state} (checked in {self.seconds:.1f} s); "
+                    f"input lines skipped {skipped} ({reasons}); {done}")
         return (
             f"precompute: {self.pairs_written} pairs in {self.shards_written} shards "
             f"({self.shards_skipped} already complete"
@@ -270,6 +277,7 @@ def run_precompute(cfg: RunConfig, place: ProcessPlace | None = None) -> Precomp
     manifest_path = finalize_manifest(out_dir, header, plan)
     return PrecomputeSummary(
         shards_rebuilt=len(rebuilt),
+        world_size=place.world_size,
         pairs_written=pairs_written,
         shards_written=len(todo),
         shards_skipped=len(mine) - len(todo),

@@ -108,6 +108,27 @@ def test_precompute_values_and_format(tmp_path, teacher_dir):
     # A re-run finds everything complete and rewrites nothing.
     again = run_precompute(cfg, ProcessPlace(0, 1, 0))
     assert again.shards_written == 0 and again.shards_skipped == 4
+    assert again.line().startswith("precompute: nothing to do: all 4 shards complete (checked in ")
+    assert "pairs/s" not in again.line() and f"manifest {out / 'manifest.json'}" in again.line()
+
+
+def test_shards_do_not_depend_on_where_the_corpus_lies(tmp_path, teacher_dir):
+    """Origins are stored relative to the source's root: the same corpus in two directories
+    gives byte-identical shards, and no absolute local path is in them."""
+    import webdataset as wds
+
+    outs = []
+    for where in ("a", "b"):
+        (tmp_path / where).mkdir()
+        corpus = small_corpus(tmp_path / where)
+        outs.append(tmp_path / where / "shards")
+        cfg = load_config(write_config(tmp_path / where, teacher_dir, str(corpus / "*.tsv"), outs[-1], shard_size=40))
+        run_precompute(cfg, ProcessPlace(0, 1, 0))
+    assert shard_bytes(outs[0]) == shard_bytes(outs[1]) and len(shard_bytes(outs[0])) == 2
+    urls = [str(p) for p in sorted(outs[0].glob("shard-*.tar"))]
+    origins = [s["json"]["origin"] for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode()]
+    assert len(origins) == 80 and all(o.startswith("corpus/small.en-") for o in origins)
+    assert "corpus/small.en-de.tsv:1" in origins and not any(str(tmp_path) in o for o in origins)
 
 
 def test_int8_storage_decodes_close_to_the_teacher(tmp_path, teacher_dir):
@@ -320,9 +341,11 @@ def test_successful_run_reports_skipped_and_repaired_lines(tmp_path, teacher_dir
     assert main(["--config", str(cfg)]) == 0
     printed = capsys.readouterr().out
     assert "precompute: input skipped 1, repaired 2" in printed
-    assert f"  skipped no_tab: 1 at {de}:41" in printed
-    assert f"{de}:42" in printed and "repaired crlf: 1" in printed and "repaired bom: 1" in printed
+    name = "corpus/small.en-de.tsv"  # relative to the source's root (tmp_path/corpus/*.tsv)
+    assert f"  skipped no_tab: 1 at {name}:41" in printed
+    assert f"{name}:42" in printed and "repaired crlf: 1" in printed and "repaired bom: 1" in printed
     report = json.loads((out / "skips.json").read_text())
-    assert report["skipped"]["no_tab"]["count"] == 1 and report["skipped"]["no_tab"]["examples"][0]["at"] == f"{de}:41"
+    assert report["skipped"]["no_tab"]["count"] == 1 and report["skipped"]["no_tab"]["examples"][0]["at"] == f"{name}:41"
+    assert str(tmp_path) not in (out / "skips.json").read_text()
     assert set(report["repaired"]) == {"crlf", "bom"}
     assert read_manifest(out).total_samples == 81  # 40 + 40 + the repaired line
