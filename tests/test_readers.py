@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,11 @@ MAX = 1000  # max_line_bytes for these tests; the long line below is 100 kB
 def _read(src: SourceConfig, log: SkipLog | None = None) -> tuple[list[Pair], SkipLog]:
     log = log or SkipLog(report_examples=10)
     return list(read_source(src, log, MAX)), log
+
+
+def named(path: Path) -> str:
+    """How origins name a file of a source given by its path: its directory's name / its name."""
+    return f"{path.parent.name}/{path.name}"
 
 
 def test_tsv_every_bad_line_is_counted_and_good_lines_survive(tmp_path):
@@ -37,10 +43,10 @@ def test_tsv_every_bad_line_is_counted_and_good_lines_survive(tmp_path):
     path.write_bytes(b"\n".join(lines))
     pairs, log = _read(SourceConfig(path=str(path)))
     assert pairs == [
-        Pair("Hello world", "Hallo Welt", "de", f"{path}:1"),
-        Pair("Good morning", "Guten Morgen", "de", f"{path}:2"),
-        Pair("The cat", "Die Katze", "de", f"{path}:9"),
-        Pair("Last line", "Letzte Zeile", "de", f"{path}:10"),
+        Pair("Hello world", "Hallo Welt", "de", f"{named(path)}:1"),
+        Pair("Good morning", "Guten Morgen", "de", f"{named(path)}:2"),
+        Pair("The cat", "Die Katze", "de", f"{named(path)}:9"),
+        Pair("Last line", "Letzte Zeile", "de", f"{named(path)}:10"),
     ]
     assert log.counts == {
         "no_tab": 1,
@@ -61,7 +67,7 @@ def test_tsv_every_bad_line_is_counted_and_good_lines_survive(tmp_path):
         ("crlf", 2),
     ]:
         reason_line = next(l for l in summary.splitlines() if f" {reason}:" in l)
-        assert f"{path}:{line}" in reason_line
+        assert f"{named(path)}:{line}" in reason_line
     assert len(summary) < 5000  # the 100 kB line is not copied into the report
 
 
@@ -79,14 +85,14 @@ def test_tsv_language_column_and_missing_column(tmp_path):
     pairs, log = _read(SourceConfig(path=str(path), lang_column=2))
     assert [(p.en, p.lang) for p in pairs] == [("Hello", "sw"), ("Hi", "de")]
     assert log.counts == {"missing_column": 1, "missing_lang": 1}
-    assert f"{path}:3" in log.summary() and f"{path}:4" in log.summary()
+    assert f"{named(path)}:3" in log.summary() and f"{named(path)}:4" in log.summary()
 
 
 def test_tsv_columns_can_be_swapped_and_lang_overrides_name(tmp_path):
     path = tmp_path / "c.en-de.tsv"
     path.write_text("Bonjour\tHello\n", encoding="utf-8")
     pairs, _ = _read(SourceConfig(path=str(path), en_column=1, xx_column=0, lang="FR"))
-    assert pairs == [Pair("Hello", "Bonjour", "fr", f"{path}:1")]
+    assert pairs == [Pair("Hello", "Bonjour", "fr", f"{named(path)}:1")]
 
 
 def test_tsv_without_any_language_is_a_clear_error(tmp_path):
@@ -172,9 +178,9 @@ def test_jsonl_every_bad_line_is_counted(tmp_path):
     path.write_bytes(b"\n".join(lines) + b"\n")
     pairs, log = _read(SourceConfig(path=str(path)))
     assert pairs == [
-        Pair("Hello", "Hallo", "de", f"{path}:1"),
-        Pair("Hi", "Salut", "fr", f"{path}:2"),
-        Pair("Spaced out", "Weit weg", "de", f"{path}:11"),
+        Pair("Hello", "Hallo", "de", f"{named(path)}:1"),
+        Pair("Hi", "Salut", "fr", f"{named(path)}:2"),
+        Pair("Spaced out", "Weit weg", "de", f"{named(path)}:11"),
     ]
     assert log.counts == {
         "bad_json": 1,
@@ -188,14 +194,14 @@ def test_jsonl_every_bad_line_is_counted(tmp_path):
     assert log.repairs == {"bom": 1, "crlf": 1}
     summary = log.summary()
     for reason, line in [("bad_json", 3), ("missing_field", 4), ("bad_field", 5), ("control_chars", 9)]:
-        assert f"{path}:{line}" in next(l for l in summary.splitlines() if f" {reason}:" in l)
+        assert f"{named(path)}:{line}" in next(l for l in summary.splitlines() if f" {reason}:" in l)
 
 
 def test_jsonl_custom_fields_and_language_from_name(tmp_path):
     path = tmp_path / "data.en-sw.jsonl"
     path.write_text(json.dumps({"source": "Water", "target": "Maji"}) + "\n", encoding="utf-8")
     pairs, _ = _read(SourceConfig(path=str(path), en_field="source", xx_field="target"))
-    assert pairs == [Pair("Water", "Maji", "sw", f"{path}:1")]
+    assert pairs == [Pair("Water", "Maji", "sw", f"{named(path)}:1")]
 
 
 def test_jsonl_opus_translation_rows(tmp_path):
@@ -208,7 +214,7 @@ def test_jsonl_opus_translation_rows(tmp_path):
     ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
     pairs, log = _read(SourceConfig(path=str(path), translation_field="translation"))
-    assert pairs == [Pair("Good night", "Usiku mwema", "sw", f"{path}:1")]
+    assert pairs == [Pair("Good night", "Usiku mwema", "sw", f"{named(path)}:1")]
     assert log.counts == {"missing_field": 3}
     # With the language given, the three-key row gives its French side.
     pairs, log = _read(SourceConfig(path=str(path), translation_field="translation", lang="fr"))
@@ -250,3 +256,28 @@ def test_hf_local_json_flat_fields(tmp_path, hf_cache):
     pairs, log = _read(SourceConfig(format="hf", hf_name="json", path=str(path)))
     assert [(p.en, p.xx, p.lang) for p in pairs] == [("One", "Eins", "de"), ("Three", "Trois", "fr")]
     assert log.counts == {"missing_field": 1}
+
+
+def test_origins_are_relative_to_the_source_root_not_absolute(tmp_path, monkeypatch):
+    """A glob's origins name the file below the glob's fixed directory (with that directory's own
+    name); the same files read from elsewhere, or through a relative path, give the same pairs."""
+    from mmkd_ds.data.readers import origin_name, source_root
+
+    for where in ("a", "b"):
+        sub = tmp_path / where / "corpus" / "de"
+        sub.mkdir(parents=True)
+        (sub / "x.en-de.tsv").write_text("One\tEins\nnot a pair\n", encoding="utf-8")
+    pairs_a, log_a = _read(SourceConfig(path=str(tmp_path / "a" / "corpus" / "*" / "*.tsv")))
+    assert pairs_a == [Pair("One", "Eins", "de", "corpus/de/x.en-de.tsv:1")]
+    assert "corpus/de/x.en-de.tsv:2" in log_a.summary() and str(tmp_path) not in log_a.summary()
+    pairs_b, _ = _read(SourceConfig(path=str(tmp_path / "b" / "corpus" / "*" / "*.tsv")))
+    assert pairs_b == pairs_a
+    monkeypatch.chdir(tmp_path / "a")
+    assert _read(SourceConfig(path="corpus/*/*.tsv"))[0] == pairs_a
+    # A single file: its directory is the root.
+    single = tmp_path / "a" / "corpus" / "de" / "x.en-de.tsv"
+    assert _read(SourceConfig(path=str(single)))[0][0].origin == "de/x.en-de.tsv:1"
+    # The bundled sample is named as the config names it.
+    sample = SourceConfig(path="sample:train")
+    assert source_root(sample)[1] == "sample:"
+    assert origin_name(readers.SAMPLE_DIR / "train.en-de.tsv", sample) == "sample:train.en-de.tsv"

@@ -81,6 +81,39 @@ def resolve_files(src: SourceConfig) -> list[Path]:
     return [path]
 
 
+def source_root(src: SourceConfig) -> tuple[Path, str]:
+    """``(directory, label)``: the fixed directory of a file source (its path up to the first
+    component with a glob character; a single file's directory), and how origins name it: the
+    directory's own name and a slash, or ``sample:`` for the bundled sample."""
+    if src.path.startswith(SAMPLE_PREFIX):
+        return SAMPLE_DIR, SAMPLE_PREFIX
+    parts = Path(src.path).parts
+    fixed: list[str] = []
+    for part in parts[:-1]:
+        if _GLOB_CHARS.search(part):
+            break
+        fixed.append(part)
+    root = Path(*fixed) if fixed else Path(".")
+    name = root.resolve().name
+    return root, f"{name}/" if name else ""
+
+
+def origin_name(path: Path, src: SourceConfig) -> str:
+    """How origins (``name:line``) name a file of ``src``: relative to the source's root,
+    prefixed with the root's own name, e.g. ``corpus/train.en-de.tsv`` for a source
+    ``/data/corpus/train.*.tsv`` and ``sample:train.en-de.tsv`` for ``sample:train``.
+
+    Not the absolute path: shards record origins, and the same corpus read from another
+    directory or machine must give the same shard bytes (and leak no local paths).
+    """
+    root, label = source_root(src)
+    try:
+        relative = Path(path).relative_to(root).as_posix()
+    except ValueError:  # not under the root as spelled (cannot happen for paths the glob returned)
+        relative = Path(path).name
+    return label + relative
+
+
 def file_format(src: SourceConfig, path: Path) -> str:
     """``src.format``, or for "auto" the format its extension implies."""
     if src.format != "auto":
@@ -104,10 +137,11 @@ def read_source(src: SourceConfig, log: SkipLog, max_line_bytes: int) -> Iterato
         return
     for path in resolve_files(src):
         fmt = file_format(src, path)
+        name = origin_name(path, src)
         if fmt == "tsv":
-            yield from read_tsv(path, src, log, max_line_bytes)
+            yield from read_tsv(path, src, log, max_line_bytes, name)
         elif fmt == "jsonl":
-            yield from read_jsonl(path, src, log, max_line_bytes)
+            yield from read_jsonl(path, src, log, max_line_bytes, name)
         else:  # "hf" for a single file is handled above; validate() rejects the rest
             raise ValueError(f"{path}: unsupported format {fmt!r}")
 
@@ -139,14 +173,17 @@ def _snippet(text: str | bytes) -> str:
     return repr(text[:_SNIPPET]) + ("..." if len(text) > _SNIPPET else "")
 
 
-def _decoded_lines(path: Path, log: SkipLog, max_line_bytes: int) -> Iterator[tuple[str, str]]:
+def _decoded_lines(path: Path, log: SkipLog, max_line_bytes: int, name: str | None = None
+                   ) -> Iterator[tuple[str, str]]:
     """(origin, text) of every line that is short enough and valid UTF-8, repaired of CRLF/BOM.
+    The origin is ``name:line`` (``name``: see :func:`origin_name`; default the path as given).
 
     Blank lines are skipped here too (after the checks that can name a worse problem).
     Control characters are *not* checked: TSV checks the line, JSONL the decoded values.
     """
+    name = str(path) if name is None else name
     for lineno, raw in _raw_lines(path, max_line_bytes):
-        origin = f"{path}:{lineno}"
+        origin = f"{name}:{lineno}"
         if raw is None:
             log.skip("line_too_long", origin, f"over {max_line_bytes} bytes")
             continue
@@ -164,8 +201,10 @@ def _decoded_lines(path: Path, log: SkipLog, max_line_bytes: int) -> Iterator[tu
         yield origin, text
 
 
-def read_tsv(path: Path, src: SourceConfig, log: SkipLog, max_line_bytes: int) -> Iterator[Pair]:
-    """Pairs of one TSV file: columns ``src.en_column`` / ``xx_column`` / ``lang_column``."""
+def read_tsv(path: Path, src: SourceConfig, log: SkipLog, max_line_bytes: int,
+             name: str | None = None) -> Iterator[Pair]:
+    """Pairs of one TSV file: columns ``src.en_column`` / ``xx_column`` / ``lang_column``;
+    origins ``name:line``."""
     file_lang = src.lang.lower() or lang_from_filename(path)
     if not file_lang and src.lang_column < 0:
         raise ValueError(
@@ -173,7 +212,7 @@ def read_tsv(path: Path, src: SourceConfig, log: SkipLog, max_line_bytes: int) -
             f"add a language column (`lang_column`), or name the file like name.en-sw.tsv"
         )
     needed = max(src.en_column, src.xx_column, src.lang_column) + 1
-    for origin, text in _decoded_lines(path, log, max_line_bytes):
+    for origin, text in _decoded_lines(path, log, max_line_bytes, name):
         if has_control_chars(text):
             log.skip("control_chars", origin, _snippet(text))
             continue
@@ -264,10 +303,12 @@ def _pair_from_row(
     return Pair(normalize_text(values["en"]), normalize_text(values["xx"]), lang, origin)
 
 
-def read_jsonl(path: Path, src: SourceConfig, log: SkipLog, max_line_bytes: int) -> Iterator[Pair]:
-    """Pairs of one JSON-lines file: flat ``en_field``/``xx_field``/``lang_field`` or OPUS rows."""
+def read_jsonl(path: Path, src: SourceConfig, log: SkipLog, max_line_bytes: int,
+               name: str | None = None) -> Iterator[Pair]:
+    """Pairs of one JSON-lines file: flat ``en_field``/``xx_field``/``lang_field`` or OPUS rows;
+    origins ``name:line``."""
     file_lang = lang_from_filename(path)
-    for origin, text in _decoded_lines(path, log, max_line_bytes):
+    for origin, text in _decoded_lines(path, log, max_line_bytes, name):
         if not text.strip():
             log.skip("blank_line", origin)
             continue
