@@ -87,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "retrieval.json").write_text(result.to_json())
-        (out / "retrieval.md").write_text(result.to_markdown())
+        # With --baseline: the before/after table the terminal shows, then --model's own table.
+        (out / "retrieval.md").write_text(result.to_markdown() if baseline is None
+                                          else comparison_table(baseline, result) + "\n\n" + result.to_markdown())
         if baseline is not None:
             (out / "retrieval_baseline.json").write_text(baseline.to_json())
     if baseline is None:
