@@ -57,3 +57,9 @@ def test_retrieval_before_and_after(tmp_path, tiny_model, capsys):
         assert f"| {lang} | 60 |" in printed
     assert printed.count("| +0.0 |") == 6  # 4 languages, the average and the low-resource average
     assert json.loads((out / "retrieval.json").read_text())["per_language"].keys() == {"de", "fr", "sw", "ur"}
+    # retrieval.md holds the same before/after table, then the model's per-direction table.
+    saved = (out / "retrieval.md").read_text()
+    table = [line for line in printed.splitlines() if line.startswith("| ")]
+    assert table[0] == "| language | pairs | before | after | change |" and "\n".join(table) in saved
+    assert saved.index("| change |") < saved.index("| xx→en |")
+    assert (out / "retrieval_baseline.json").is_file()
