@@ -131,6 +131,7 @@ def test_train_resume_and_export(setup, tmp_path, stage):
     full = tmp_path / "full"
     out = ok(launch(setup, full, stage=stage))
     assert "distill: done at step 6" in out
+    assert "step 3: held-out retrieval (cls): avg " in out and "retrieval retrieval" not in out
     losses = losses_by_step(full)
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
     for step, row in losses.items():
@@ -197,6 +198,7 @@ def test_train_resume_and_export(setup, tmp_path, stage):
             crashed.add_scalar("loss/total", 999.0, s)
     out = ok(launch(setup, split, "--resume", stage=stage))
     assert f"at step {k}; dropped {len(crashed_steps)} metrics.jsonl records of later steps" in out
+    assert "resume: no setting changed since the checkpoint" in out and "schedule:" not in out.split("resumed from")[1]
     assert "distill: done at step 6" in out
     assert [r["step"] for r in read_metrics(split / "metrics.jsonl") if "loss/total" in r] == [1, 2, 3, 4, 5, 6]
     events = EventAccumulator(str(tb_dir))
@@ -276,10 +278,18 @@ def test_ctrl_c_saves_checkpoint_and_exits(setup, tmp_path):
     # batch size, corpus, shards, seed -- go through the same check: tests/test_resume_checks.py).
     result = launch(setup, out_dir, "--resume", "--train.steps=500", "--train.eval_every=0", gpus=1)
     assert result.returncode == 2 and "world_size was 2" in result.stderr, result.stderr[-3000:]
-    # On the same ranks it continues; train.stop_at ends it with a checkpoint.
-    out = ok(launch(setup, out_dir, "--resume", f"--train.stop_at={step + 1}", "--train.steps=500",
+    # On the same ranks it continues, here lengthened to 600 steps: the resume lists the changed
+    # settings and re-plans the linear decay from the lr it had reached (no jump); train.stop_at
+    # ends it with a checkpoint.
+    out = ok(launch(setup, out_dir, "--resume", f"--train.stop_at={step + 1}", "--train.steps=600",
                     "--train.eval_every=0", "--train.save_every=0"))
     assert f"at step {step}" in out and f"step {step + 1}: train.stop_at reached" in out
+    assert "settings changed since the checkpoint: " in out and "train.steps 500 -> 600" in out, out[-3000:]
+    assert f"the linear decay re-planned from step {step}" in out and "to 0 at step 600" in out, out[-3000:]
+    lr = {r["step"]: r["train/lr"] for r in read_metrics(out_dir / "metrics.jsonl") if "train/lr" in r}
+    # warm-up 2, peak 1e-3: lr(step) = 1e-3 (1 - (step - 2) / 498), then a line to 0 at step 600
+    assert lr[step] == pytest.approx(1e-3 * (1 - (step - 2) / 498), rel=1e-6)
+    assert lr[step + 1] == pytest.approx(lr[step] * (1 - 1 / (600 - step)), rel=1e-6)
 
 
 def test_non_finite_losses_are_skipped_then_abort(setup, tmp_path):

@@ -3,8 +3,9 @@
 Layout under ``<out_dir>/checkpoints``: one DeepSpeed tag per save (``step00000100``) and the
 ``latest`` file, written by rank 0 only after every rank has finished its part of the save (so
 a save cut short, on any rank, is never picked up). The client state
-holds the step, the data-stream state and a hash of the run's configuration; each rank also
-writes its RNG states (dropout) next to its shard of the engine state.
+holds the step, the data-stream state, the run's settings (all of them, and a hash of those that
+decide the computation) and its resolved learning-rate schedule; each rank also writes its RNG
+states (dropout) next to its shard of the engine state.
 """
 
 from __future__ import annotations
@@ -46,9 +47,41 @@ def config_hash(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps(config_fingerprint(cfg), sort_keys=True, default=str).encode()).hexdigest()
 
 
-def changed_settings(saved: dict, cfg: RunConfig) -> list[str]:
-    now = config_fingerprint(cfg)
-    return sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+def run_settings(cfg: RunConfig) -> dict:
+    """Every flattened setting of the run, as JSON stores it (the checkpoint's ``settings``)."""
+    return json.loads(json.dumps(_flatten(config_to_dict(cfg)), default=str))
+
+
+_UNSET = object()  # a setting one side does not have (added or removed since)
+
+
+def _shown(value, width: int = 60) -> str:
+    text = "(unset)" if value is _UNSET else json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def settings_changes(state: dict, cfg: RunConfig) -> str:
+    """One line for every resume: which settings differ from the checkpoint's, old -> new.
+
+    Settings that change what is computed (those in :func:`config_fingerprint`) are marked.
+    Checkpoints written before ``settings`` was stored hold the fingerprint only, so changes of
+    the other settings (``train.steps``, logging, ...) cannot be listed for them; the line says so.
+    """
+    now = run_settings(cfg)
+    saved = state.get("settings")
+    older = saved is None
+    if older:
+        saved = state.get("config", {})
+        now = {k: v for k, v in now.items() if k not in _RESUME_FREE}
+    changes = []
+    for key in sorted(set(saved) | set(now)):
+        was, is_ = saved.get(key, _UNSET), now.get(key, _UNSET)
+        if was != is_:
+            mark = "" if key in _RESUME_FREE else " [changes what is computed]"
+            changes.append(f"{key} {_shown(was)} -> {_shown(is_)}{mark}")
+    line = (f"resume: {len(changes)} setting{'s' if len(changes) != 1 else ''} changed since the checkpoint: "
+            + "; ".join(changes) if changes else "resume: no setting changed since the checkpoint")
+    return line + (" (an older checkpoint: only settings that change what is computed were recorded)" if older else "")
 
 
 def tag_of(step: int) -> str:

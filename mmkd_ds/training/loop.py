@@ -22,20 +22,29 @@ from mmkd_ds.distributed import init_distributed
 from mmkd_ds.models.mmkd import OBJECTIVES, MMKDModel
 from mmkd_ds.training.batch import MMKDCollator, batch_to_device
 from mmkd_ds.training.checkpoint import (
-    changed_settings,
     check_resume,
-    read_run_state,
     config_fingerprint,
     config_hash,
     latest_tag,
     load_checkpoint,
     prune_checkpoints,
+    read_run_state,
+    run_settings,
     save_checkpoint,
+    settings_changes,
 )
 from mmkd_ds.training.data import build_train_loader, teacher_hidden_size
 from mmkd_ds.training.ds_config import build_ds_config
 from mmkd_ds.training.metrics import MetricsLogger, memory_scalars
-from mmkd_ds.training.optim import Schedule, build_optimizer, build_scheduler, fixed_schedule, resolve_schedule
+from mmkd_ds.training.optim import (
+    Schedule,
+    apply_schedule,
+    build_optimizer,
+    build_scheduler,
+    fixed_schedule,
+    resolve_schedule,
+    resume_schedule,
+)
 from mmkd_ds.training.preemption import PreemptionFlag
 
 log = logging.getLogger("mmkd_ds.train")
@@ -242,23 +251,31 @@ def train(cfg: RunConfig, ds_config_path: str | None, resume: bool = False) -> T
     # Resume: engine state, RNG, data position; refuse silent changes of what is computed.
     step, skipped_total = 0, 0
     if resume and latest_tag(ckpt_dir):
-        check_resume(read_run_state(ckpt_dir), place.world_size, loader.state_dict(), cfg.train.allow_resume_changes)
+        saved = read_run_state(ckpt_dir)
+        check_resume(saved, place.world_size, loader.state_dict(), cfg.train.allow_resume_changes)
+        # Refused here, before anything is loaded, if the lr would jump (see resume_schedule).
+        schedule, schedule_note = resume_schedule(saved.get("schedule"), schedule,
+                                                  int(saved.get("lr_step", saved["step"])),
+                                                  cfg.train.allow_resume_changes)
         state = load_checkpoint(engine, ckpt_dir, place.rank)
-        changed = changed_settings(state["config"], cfg)
-        if changed and place.is_main:
-            log.warning("resuming with changed settings: %s", ", ".join(changed))
+        apply_schedule(engine.lr_scheduler, schedule)
         loader.load_state_dict(state["stream"], allow_changes=True)  # checked above
         step, skipped_total = int(state["step"]), int(state.get("skipped", 0))
         dropped = metrics.rewind(step)  # what the interrupted run logged after its last checkpoint
         if place.is_main:
             tqdm.write(f"resumed from {ckpt_dir / latest_tag(ckpt_dir)} at step {step}"
                        + (f"; dropped {dropped} metrics.jsonl records of later steps" if dropped else ""))
+            tqdm.write(settings_changes(state, cfg))
+            if schedule_note:
+                tqdm.write(schedule_note)
     elif resume and place.is_main:
         tqdm.write(f"--resume: no checkpoint in {ckpt_dir}, starting fresh")
 
     def checkpoint() -> str:
         client = {"step": step, "stream": loader.state_dict(), "config": config_fingerprint(cfg),
-                  "config_hash": config_hash(cfg), "world_size": place.world_size, "skipped": skipped_total}
+                  "config_hash": config_hash(cfg), "settings": run_settings(cfg), "schedule": schedule.record(),
+                  "lr_step": engine.lr_scheduler.last_epoch, "world_size": place.world_size,
+                  "skipped": skipped_total}
         tag = save_checkpoint(engine, ckpt_dir, step, client, place.rank)
         if place.is_main:
             prune_checkpoints(ckpt_dir, cfg.train.keep_checkpoints)

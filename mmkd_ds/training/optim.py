@@ -8,11 +8,12 @@ a run may be given in epochs and its learning rate scaled with the global batch,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
 from mmkd_ds.config.schema import TrainConfig
+from mmkd_ds.training.checkpoint import ResumeError
 
 # No weight decay on biases and normalisation weights, as in BERT (train.weight_decay_on: matrices).
 _NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight", "bn.weight")
@@ -30,6 +31,19 @@ class Schedule:
     steps_per_epoch: int
     encoder_scale: float = 1.0  # the pretrained encoder's lr relative to the new parameters'
     encoder_hold: int = 0  # steps during which the encoder's lr is 0 (the new parameters warm up)
+    # Set when a resume changed the run's length (see resume_schedule): from step replan_from on,
+    # the decay runs from replan_factor (the multiplier reached there) to 0 at `steps`.
+    replan_from: int | None = None
+    replan_factor: float = 1.0
+
+    def record(self) -> dict:
+        """What a checkpoint stores (JSON), so that a resume continues this very schedule."""
+        return asdict(self)
+
+    @classmethod
+    def from_record(cls, record: dict) -> "Schedule":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in record.items() if k in names})
 
     def line(self, cfg: TrainConfig) -> str:
         """One line for the start-up log: where each number came from."""
@@ -112,15 +126,18 @@ def lr_factor(step: int, schedule: Schedule, part: str = "new") -> float:
 
 def _shape(step: int, schedule: Schedule) -> float:
     """Multiplier of the peak lr at optimizer step ``step`` (0-based)."""
-    if schedule.warmup_steps and step < schedule.warmup_steps:
+    if schedule.replan_from is not None and step >= schedule.replan_from:
+        start, scale = schedule.replan_from, schedule.replan_factor
+    elif schedule.warmup_steps and step < schedule.warmup_steps:
         return (step + 1) / schedule.warmup_steps
+    else:
+        start, scale = schedule.warmup_steps, 1.0
     if schedule.kind == "constant":
-        return 1.0
-    span = max(1, schedule.steps - schedule.warmup_steps)
-    progress = min(1.0, (step - schedule.warmup_steps) / span)
+        return scale
+    progress = min(1.0, (step - start) / max(1, schedule.steps - start))
     if schedule.kind == "linear":
-        return max(0.0, 1.0 - progress)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return scale * max(0.0, 1.0 - progress)
+    return scale * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, schedule: Schedule) -> torch.optim.lr_scheduler.LambdaLR:
@@ -128,3 +145,86 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule: Schedule) -> tor
     parts = [group.get("part", "new") for group in optimizer.param_groups]
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, [lambda step, part=part: lr_factor(step, schedule, part) for part in parts])
+
+
+def apply_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, schedule: Schedule) -> None:
+    """Point a scheduler restored from a checkpoint at ``schedule``, from where it stands.
+
+    A restored LambdaLR keeps the multipliers it was built with and the checkpoint's base lrs
+    (so a changed ``train.lr`` would be ignored); this sets both from ``schedule`` and each
+    parameter group's lr at the scheduler's position, which is what the next step uses.
+    """
+    groups = scheduler.optimizer.param_groups
+    parts = [group.get("part", "new") for group in groups]
+    position = scheduler.last_epoch  # optimizer steps taken (fp16 overflow steps excluded)
+    scheduler.lr_lambdas = [lambda step, part=part: lr_factor(step, schedule, part) for part in parts]
+    scheduler.base_lrs = [schedule.lr] * len(groups)
+    for group, part in zip(groups, parts):
+        group["initial_lr"] = schedule.lr
+        group["lr"] = schedule.lr * lr_factor(position, schedule, part)
+    scheduler._last_lr = [group["lr"] for group in groups]
+
+
+# The parts of a schedule that a resume may not change silently, and the settings behind them.
+_SHAPE_FIELDS = {"lr": "peak lr (train.lr)", "warmup_steps": "warm-up steps (train.warmup_steps / warmup_epochs)",
+                 "kind": "train.schedule", "encoder_scale": "train.encoder_lr_scale",
+                 "encoder_hold": "train.head_warmup_steps"}
+
+
+def resume_schedule(saved: dict | None, planned: Schedule, position: int, allow_changes: bool) -> tuple[Schedule, str]:
+    """``(schedule, note)``: the schedule a resumed run follows, and one line saying what a
+    resume changed about it ("" when nothing did).
+
+    Args:
+        saved: the checkpoint's schedule record (:meth:`Schedule.record`); None for checkpoints
+            written before it was recorded (the planned schedule is then used as it is).
+        planned: the schedule resolved from the run's current settings.
+        position: optimizer steps the checkpoint's scheduler had taken.
+        allow_changes: ``train.allow_resume_changes``.
+
+    A longer or shorter run (``train.steps`` / ``train.epochs``) continues the learning rate from
+    where it was: the decay is re-planned from ``position`` and the lr reached there to 0 at the
+    new end (warm-up, if still under way, and a constant schedule are simply continued). A decay
+    that already reached 0 cannot be extended that way (it would train at lr 0), and a changed
+    peak lr, warm-up, decay kind or encoder setting would jump the lr: both raise
+    :class:`ResumeError` saying how to proceed, unless ``allow_changes``, which applies the planned
+    schedule as it is from ``position`` on.
+    """
+    if saved is None:
+        return planned, (f"schedule: the checkpoint records none (written by an older mmkd-ds): the configured "
+                         f"schedule applies from step {position} (lr {planned.lr * _shape(position, planned):.3g})")
+    old = replace(Schedule.from_record(saved), global_batch=planned.global_batch,
+                  steps_per_epoch=planned.steps_per_epoch)
+    lr_was, lr_planned = old.lr * _shape(position, old), planned.lr * _shape(position, planned)
+    changed = [name for name in _SHAPE_FIELDS if getattr(old, name) != getattr(planned, name)]
+    if changed:
+        name = changed[0]
+        what = f"{_SHAPE_FIELDS[name]} was {getattr(old, name)!r} at the checkpoint and is {getattr(planned, name)!r} now"
+        if not allow_changes:
+            raise ResumeError(
+                f"cannot resume: {what}, which would move the lr at step {position} from {lr_was:.3g} to "
+                f"{lr_planned:.3g}; keep the setting, or set train.allow_resume_changes=true to apply the new schedule")
+        return planned, f"schedule: {what}: the new schedule applies from step {position}, lr {lr_was:.3g} -> {lr_planned:.3g}"
+    if old.steps == planned.steps:
+        return old, ""  # the checkpoint's own schedule, a re-planned decay included
+    length = f"run length {old.steps} -> {planned.steps} steps (train.steps / train.epochs)"
+    if position >= planned.steps:
+        return replace(old, steps=planned.steps), f"schedule: {length}: step {position} is already past the end"
+    if old.kind == "constant" or position < old.warmup_steps:
+        return replace(old, steps=planned.steps), (
+            f"schedule: {length}: lr {lr_was:.3g} at step {position} continues"
+            + ("" if old.kind == "constant" else f"; the {old.kind} decay after the warm-up now ends at step {planned.steps}"))
+    factor = _shape(position, old)
+    if factor <= 0.0:
+        if not allow_changes:
+            raise ResumeError(
+                f"cannot resume to step {planned.steps}: the checkpoint's {old.kind} decay reached lr 0 at step "
+                f"{old.steps}, so a continued schedule would train at lr 0; start a new run from the exported student "
+                f"(student.name=<train.out_dir>/student, another train.out_dir), or set "
+                f"train.allow_resume_changes=true to train on with the lr of a {planned.steps}-step schedule "
+                f"({lr_planned:.3g} at step {position})")
+        return planned, (f"schedule: {length}: the {old.kind} decay had reached 0; the lr of a {planned.steps}-step "
+                         f"schedule applies from step {position} ({lr_planned:.3g})")
+    return replace(old, steps=planned.steps, replan_from=position, replan_factor=factor), (
+        f"schedule: {length}: the {old.kind} decay re-planned from step {position} (lr {lr_was:.3g}) "
+        f"to 0 at step {planned.steps}")
