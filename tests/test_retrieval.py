@@ -240,3 +240,24 @@ def test_load_encoder_from_a_masked_lm_is_quiet_and_warns_on_odd_keys(tmp_path, 
     student_tokenizer.save_pretrained(tmp_path / "cls")
     with pytest.warns(UserWarning, match=r"not used when loading the encoder: classifier\.bias, classifier\.weight"):
         load_encoder(str(tmp_path / "cls"))
+
+
+def test_training_log_names_the_metric_once(encoder, capsys):
+    """The held-out lines of the training log: ``step N: held-out retrieval (cls): avg ...``
+    (the metric's name once: the issue saw "held-out retrieval retrieval (cls)"), one per pooling,
+    and the scalars written under eval/retrieval_* and eval/retrieval_mean_*."""
+    from types import SimpleNamespace
+
+    from mmkd_ds.training.loop import run_heldout_eval
+
+    model, tok = encoder
+    written = []
+    metrics = SimpleNamespace(write=lambda step, scalars, kind: written.append((step, kind, scalars)))
+    engine = SimpleNamespace(module=SimpleNamespace(student=model))
+    pairs = heldout_pairs("de", 6) + heldout_pairs("sw", 6)
+    run_heldout_eval(engine, tok, pairs, torch.device("cpu"), 3, metrics, is_main=True)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step 3:")]
+    assert [line.split(": avg")[0] for line in lines] == ["step 3: held-out retrieval (cls)",
+                                                            "step 3: held-out retrieval (mean)"]
+    assert not any("retrieval retrieval" in line for line in lines)
+    assert written[0][:2] == (3, "eval") and {"eval/retrieval_avg", "eval/retrieval_mean_sw"} <= set(written[0][2])
