@@ -141,6 +141,7 @@ def test_tokenizer_config_names_a_class_both_versions_know(tmp_path, student_tok
     assert config["tokenizer_class"] == "BertTokenizerFast"
     assert config["do_lower_case"] is False and config["strip_accents"] is False
     assert "local_files_only" not in config  # how the test loaded it, not part of the tokenizer
+    assert config["clean_up_tokenization_spaces"] is tokenizer.clean_up_tokenization_spaces
     again = AutoTokenizer.from_pretrained(tmp_path / "tok")
     assert again(*TEXTS)["input_ids"] == tokenizer(*TEXTS)["input_ids"]
     assert "St" in again.convert_ids_to_tokens(again(TEXTS[1])["input_ids"])  # still cased

@@ -130,8 +130,10 @@ def portable_tokenizer_config(tokenizer_dir: Path, tokenizer) -> str | None:
                       tokenize_chinese_chars=bool(normalizer.get("handle_chinese_chars", True)))
     elif config.get("tokenizer_class") in (None, "TokenizersBackend"):
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    elif not dropped:
+    elif not dropped and "clean_up_tokenization_spaces" in config:
         return None
+    # Stated, so that every version decodes alike (4.44 warns that its default is about to change).
+    config.setdefault("clean_up_tokenization_spaces", bool(getattr(tokenizer, "clean_up_tokenization_spaces", False)))
     path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return config.get("tokenizer_class")
 
