@@ -1,4 +1,4 @@
-"""Evaluation; same as `mmkd-eval`: python launchers/evaluate.py --task retrieval --model DIR"""
+"""Evaluation; same as `mmkd-eval` (see --help): python launchers/evaluate.py --task retrieval --model DIR"""
 
 import sys
 

@@ -2,6 +2,8 @@
 
     python launchers/precompute.py --config configs/demo.yaml
     deepspeed --num_gpus 8 launchers/precompute.py --config run.yaml
+
+Options, outputs and exit codes: python launchers/precompute.py --help.
 """
 
 import sys

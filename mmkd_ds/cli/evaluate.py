@@ -29,32 +29,85 @@ import sys
 import traceback
 from pathlib import Path
 
+from mmkd_ds.cli.arguments import HelpFormatter, add_config_arguments, config_epilog, print_config
+
 TASKS = ("retrieval", "xnli", "pawsx", "xquad")
+
+DESCRIPTION = """\
+Evaluate an encoder (a Hugging Face model directory or hub name) on held-out data.
+
+Tasks:
+  retrieval  nearest-neighbour accuracy of each held-out translation among the English sentences
+             and back, per language; the pairs are data.heldout of --config (without --config: the
+             bundled sample's held-out split, in de, fr, sw and ur)
+  xnli, pawsx, xquad  zero-shot cross-lingual transfer: fine-tune on the English training data,
+             test on every language of --languages (data from the Hugging Face hub or --data-dir)
+
+Examples:
+  mmkd-eval --task retrieval --model runs/demo/distill/student --baseline runs/demo/student-init \\
+      --config configs/demo.yaml --out runs/demo/eval
+  mmkd-eval --task xnli --model DIR --languages en,de,sw,ur --data-dir data/xnli --out DIR
+  deepspeed --num_gpus 8 launchers/evaluate.py --task xquad --model DIR --languages en,de,ar \\
+      --deepspeed_config ds_configs/zero2.json       # data-parallel fine-tuning, rank 0 writes
+
+Outputs: the table and a summary line on the terminal; with --out DIR also
+  retrieval:          retrieval.json, retrieval.md (and retrieval_baseline.json with --baseline)
+  xnli, pawsx, xquad: <task>.json, <task>.md and tensorboard/
+"""
+
+EXIT_CODES = """\
+Exit codes:
+  0  done
+  2  bad arguments or input (config, held-out pairs, model directory, data, languages)
+  1  any other failure (a traceback)
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmkd-eval", description=DESCRIPTION,
+                                     epilog=EXIT_CODES + "\n" + config_epilog("mmkd-eval"),
+                                     formatter_class=HelpFormatter)
+    # --task and --model are checked after --print-config, which needs neither.
+    parser.add_argument("--task", choices=TASKS, help="what to evaluate (required; see Tasks above)")
+    parser.add_argument("--model", help="the encoder: Hugging Face model directory or hub name (required)")
+    add_config_arguments(parser, "YAML run config whose data.heldout are the retrieval pairs (default: the "
+                                 "bundled sample's held-out split)")
+    parser.add_argument("--pooling", choices=("cls", "mean"), default="cls",
+                        help="retrieval: the sentence vector, the [CLS] state or the mean of the token states")
+    parser.add_argument("--out", metavar="DIR", help="directory for the result files (see Outputs); none: print only")
+    parser.add_argument("--label", default="", help="name shown in the summary line (default: --model)")
+    parser.add_argument("--baseline", metavar="MODEL",
+                        help="retrieval: a second model to compare with (e.g. the student before distillation)")
+    transfer = parser.add_argument_group("xnli / pawsx / xquad")
+    transfer.add_argument("--languages", default="", help="comma-separated test languages, English included (required)")
+    transfer.add_argument("--data-dir", metavar="DIR", help="local data in the hub schema, for offline clusters")
+    transfer.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs over the English training data")
+    transfer.add_argument("--lr", type=float, default=None, help="default 2e-5 (classification), 3e-5 (QA)")
+    transfer.add_argument("--batch-size", type=int, default=None, help="global batch; default 32 (classification), 16 (QA)")
+    transfer.add_argument("--seed", type=int, default=42,
+                          help="seed of the new task head, the data order and the --max-*-examples subsets")
+    transfer.add_argument("--max-length", type=int, default=None, help="tokens per input; default 128 (classification), 256 (QA)")
+    transfer.add_argument("--doc-stride", type=int, default=None, help="QA: tokens shared by consecutive context windows (default 64)")
+    transfer.add_argument("--max-train-examples", type=int, default=None, metavar="N",
+                          help="fine-tune on a seeded random subset of N English examples (default: all)")
+    transfer.add_argument("--max-eval-examples", type=int, default=None, metavar="N",
+                          help="test on the first N examples per language (default: all)")
+    transfer.add_argument("--deepspeed_config", metavar="JSON", help="DeepSpeed JSON (ZeRO stage); implied by a multi-rank launch")
+    transfer.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mmkd-eval", description="Evaluate an encoder on held-out data.")
-    parser.add_argument("--task", choices=TASKS, required=True)
-    parser.add_argument("--model", required=True, help="Hugging Face model directory or hub name")
-    parser.add_argument("--config", help="YAML run config (its data.heldout are the pairs)")
-    parser.add_argument("--pooling", choices=("cls", "mean"), default="cls")
-    parser.add_argument("--out", help="directory for retrieval.json and retrieval.md")
-    parser.add_argument("--label", default="", help="name shown in the summary line")
-    parser.add_argument("--baseline", help="a second model to compare with (e.g. the student before distillation)")
-    transfer = parser.add_argument_group("xnli / pawsx / xquad")
-    transfer.add_argument("--languages", default="", help="comma-separated test languages (English included)")
-    transfer.add_argument("--data-dir", help="local data in the hub schema, for offline clusters")
-    transfer.add_argument("--epochs", type=int, default=2)
-    transfer.add_argument("--lr", type=float, default=None, help="default 2e-5 (classification), 3e-5 (QA)")
-    transfer.add_argument("--batch-size", type=int, default=None, help="default 32 (classification), 16 (QA)")
-    transfer.add_argument("--seed", type=int, default=42)
-    transfer.add_argument("--max-length", type=int, default=None, help="tokens per input; default 128 (classification), 256 (QA)")
-    transfer.add_argument("--doc-stride", type=int, default=None, help="QA: tokens shared by consecutive context windows (default 64)")
-    transfer.add_argument("--max-train-examples", type=int, default=None)
-    transfer.add_argument("--max-eval-examples", type=int, default=None)
-    transfer.add_argument("--deepspeed_config", help="DeepSpeed JSON (ZeRO stage); implied by a multi-rank launch")
-    transfer.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
+    parser = build_parser()
     args, overrides = parser.parse_known_args(argv)
+    if args.print_config:
+        return print_config("mmkd-eval", args.config, overrides)
+    missing = [flag for flag, value in (("--task", args.task), ("--model", args.model)) if not value]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per model says nothing here
     if args.task != "retrieval":
         return run_transfer(args)
 
@@ -71,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     if not pairs:
         print("mmkd-eval: no held-out pairs (set data.heldout)", file=sys.stderr)
         return 2
+    # Said before the models load and the search runs (seconds to minutes, nothing else printed).
+    sources = ", ".join(src.path or src.hf_name for src in cfg.data.heldout)
+    default = " (no --config: data.heldout's default, the bundled sample)" if args.config is None else ""
+    print(f"mmkd-eval: retrieval on {pair_counts(pairs)} from {sources}{default}", flush=True)
     from mmkd_ds.model_source import ModelSourceError
 
     try:
@@ -98,6 +155,14 @@ def main(argv: list[str] | None = None) -> int:
         print(comparison_table(baseline, result))
     print(f"eval {args.label or args.model}: {result.summary()}")
     return 0
+
+
+def pair_counts(pairs) -> str:
+    """``"240 held-out pairs (de 60, fr 60, sw 60, ur 60)"``: how many pairs of each language."""
+    counts: dict[str, int] = {}
+    for pair in pairs:
+        counts[pair.lang] = counts.get(pair.lang, 0) + 1
+    return f"{len(pairs)} held-out pairs ({', '.join(f'{lang} {n}' for lang, n in sorted(counts.items()))})"
 
 
 def run_transfer(args) -> int:

