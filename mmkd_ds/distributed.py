@@ -6,9 +6,13 @@ LOCAL_RANK; a plain `python` run is rank 0 of 1.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,7 @@ def init_distributed():
             port = s.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    with _shm_op_build_watch():
+    with _shm_op_build_watch(), shm_op_build_progress():
         deepspeed.init_distributed(dist_backend=backend)
     place = process_place()
     if torch.cuda.is_available():
@@ -74,6 +78,51 @@ def _shm_op_build_watch():
     if process_place().local_rank == 0 and clear_stale_lock(lock):
         print(f"removed {lock}: a build lock of DeepSpeed's CPU op that no living process holds", flush=True)
     return LockWaitReport(lock, f"rank {os.environ.get('RANK', '0')}: DeepSpeed's CPU communication op")
+
+
+def shm_op_build_dir() -> Path | None:
+    """Where DeepSpeed is about to compile its CPU communication op (``deepspeed_shm_comm``) in
+    ``deepspeed.init_distributed``, as a ``Path``; None when it will not (CUDA, a prebuilt op, or
+    one already built in ``$TORCH_EXTENSIONS_DIR``), or when that cannot be told."""
+    try:
+        import deepspeed.ops
+        from deepspeed.accelerator import get_accelerator
+        from deepspeed.git_version_info import installed_ops
+        from torch.utils.cpp_extension import _get_build_directory
+
+        builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+        if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+            return None
+        if installed_ops.get(builder.NAME, False):
+            return None
+        build_dir = Path(_get_build_directory(builder.name, verbose=False))
+        built = (build_dir / f"{builder.name}.so").exists()
+    except Exception:  # noqa: BLE001 - private DeepSpeed/torch helpers: no announcement rather than a failure
+        return None
+    return None if built else build_dir
+
+
+@contextlib.contextmanager
+def shm_op_build_progress():
+    """Around ``deepspeed.init_distributed``: rank 0 prints a line before DeepSpeed's first-time
+    build of its CPU communication op (minutes, silent otherwise) and one with its duration after.
+    DeepSpeed's own "... built successfully" line, printed by every rank on every run (also when
+    the op was built before), is dropped; anything else it prints is passed on."""
+    build_dir = shm_op_build_dir()
+    announce = build_dir is not None and process_place().rank == 0
+    if announce:
+        print(f"building DeepSpeed's CPU communication op (first run only, about 2 min) in {build_dir}", flush=True)
+    started = time.perf_counter()
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured):
+            yield
+    finally:
+        for line in captured.getvalue().splitlines():
+            if not line.endswith("built successfully"):
+                print(line, flush=True)
+    if announce:
+        print(f"DeepSpeed's CPU communication op: done in {time.perf_counter() - started:.0f} s", flush=True)
 
 
 def shutdown() -> None:

@@ -21,6 +21,18 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # DeepSpeed compiles its CPU communication op on first use into TORCH_EXTENSIONS_DIR, by default
 # ~/.cache/torch_extensions, shared by every environment (two builds at once wait on one lock).
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/runs/torch_extensions}"
+# Quiet DeepSpeed at the source (no filter on the output, which would hold back the progress
+# bar's in-place updates): on a machine without CUDA, name the CPU accelerator so that DeepSpeed's
+# runner, node launcher and every rank skip their "Setting accelerator to CPU" warning; and run
+# the runner (and the node launcher it starts) at log level error where it has --log_level
+# (added in 2025, DeepSpeed PR #7526; with an older runner its INFO lines stay).
+read -r HAS_CUDA DS_RUNNER < <(python3 -c "
+import importlib.util, os, torch
+spec = importlib.util.find_spec('deepspeed')  # found, not imported: importing takes seconds
+print(int(torch.cuda.is_available()), os.path.join(spec.submodule_search_locations[0], 'launcher', 'runner.py'))")
+[ "$HAS_CUDA" = 1 ] || export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
+DS_QUIET=()
+grep -q -- '"--log_level"' "$DS_RUNNER" 2>/dev/null && DS_QUIET=(--log_level=error)
 start=$SECONDS
 echo "demo 1/4: student initialisation -> $RUN/student-init"
 [ -f "$RUN/student-init/config.json" ] || mmkd-init-student --config "$CONFIG" --out "$RUN/student-init" ${INIT[@]+"${INIT[@]}"}
@@ -35,8 +47,8 @@ fi
 mmkd-precompute --config "$CONFIG"
 echo "demo 3/4: distillation (deepspeed, 2 CPU ranks, ZeRO-2) -> $RUN/distill"
 rm -rf "$RUN/distill"
-deepspeed --num_gpus 2 launchers/distill.py --config "$CONFIG" \
-    --deepspeed_config ds_configs/zero2.json "$@" 2>&1 | grep -v -E '^\[[0-9-]+ [0-9:,]+\] \[(INFO|WARNING)\]'
+deepspeed ${DS_QUIET[@]+"${DS_QUIET[@]}"} --num_gpus 2 launchers/distill.py --config "$CONFIG" \
+    --deepspeed_config ds_configs/zero2.json "$@"
 echo "demo 4/4: held-out retrieval, before and after distillation"
 mmkd-eval --task retrieval --config "$CONFIG" --model "$RUN/distill/student" \
     --baseline "$RUN/student-init" --out "$RUN/eval" --label "distilled student"
