@@ -109,6 +109,15 @@ def clear_stale_lock(lock: Path, recheck_s: float = 1.0) -> bool:
     return True
 
 
+def same_job(pid: int) -> bool:
+    """``pid`` is a sibling rank (the same parent launcher as this process)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[1]) == os.getppid()
+    except (OSError, ValueError, IndexError):
+        return False
+
+
 def describe_holders(pids: list[int]) -> str:
     out = []
     for pid in pids:
@@ -122,7 +131,8 @@ def describe_holders(pids: list[int]) -> str:
 
 class LockWaitReport:
     """While the body runs, print every ``every_s`` seconds (first after ``after_s``) what is
-    being waited on when ``lock`` exists; silent when the build or load is quick."""
+    being waited on when ``lock`` exists; silent when the build or load is quick, and while
+    this job's own ranks build (mmkd_ds.distributed announces that build)."""
 
     def __init__(self, lock: Path, what: str, after_s: float = 5.0, every_s: float = 30.0, stream=None):
         self.lock, self.what, self.after_s, self.every_s = lock, what, after_s, every_s
@@ -143,10 +153,9 @@ class LockWaitReport:
             wait = self.every_s
             if self.lock.exists():
                 holders = lock_holders(self.lock)
-                if os.getpid() in holders:
-                    print(f"{self.what}: building it in {self.lock.parent} (once per environment)",
-                          file=self.stream, flush=True)
-                    continue
+                if os.getpid() in holders or any(same_job(pid) for pid in holders):
+                    continue  # this job's own build, announced with its start and end
+
                 print(f"{self.what}: waiting on {self.lock}, held by {describe_holders(holders)}"
                       + ("" if holders else "; no process holds it: remove the file if this does not end"),
                       file=self.stream, flush=True)

@@ -101,3 +101,14 @@ def test_train_epoch_fields_are_checked():
         load_config(None, ["--train.lr_scaling=sqrt"])
     with pytest.raises(ConfigError, match="loss.word_anchor"):
         load_config(None, ["--loss.word_anchor=both"])
+
+
+def test_a_float_written_without_a_dot_is_a_number():
+    """YAML 1.1 reads `1e-5` as a string; a float field takes it as the number it means."""
+    from mmkd_ds.config import ConfigError, load_config
+
+    assert load_config(None, ["--train.lr=1e-5"]).train.lr == 1e-5
+    import pytest
+
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_config(None, ["--train.lr=fast"])

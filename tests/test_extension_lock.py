@@ -89,3 +89,15 @@ def test_on_a_network_filesystem_only_an_old_lock_is_stale(tmp_path, monkeypatch
 
 def test_filesystem_type_of_a_local_directory(tmp_path):
     assert extension_lock.filesystem_type(tmp_path) not in ("", *extension_lock.NETWORK_FILESYSTEMS)
+
+
+def test_a_sibling_rank_is_the_same_job_and_a_child_is_not(tmp_path):
+    builder = hold(tmp_path / "lock")  # our child: another job's process as far as it can tell
+    try:
+        assert not extension_lock.same_job(builder.pid)
+    finally:
+        builder.kill()
+        builder.wait()
+    import os
+
+    assert extension_lock.same_job(os.getpid())  # shares our parent, as a sibling rank does

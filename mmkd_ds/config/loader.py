@@ -8,6 +8,8 @@ are parsed as YAML scalars, so ``96`` is an int, ``true`` a bool and ``[a, b]`` 
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import re
 import types
@@ -101,6 +103,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            with contextlib.suppress(ValueError):
+                return float(value)
         raise ConfigError(key, f"expected a number, got {value!r}")
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):

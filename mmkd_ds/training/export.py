@@ -47,9 +47,14 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]
         # in the model-states file (zero_to_fp32 cannot read such a checkpoint).
         states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
         return {k: v.float() for k, v in states["module"].items()}
+    import contextlib
+    import io
+
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    # zero_to_fp32 prints five lines and a progress bar on every export; errors still raise.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
 
 
 def _checkpoint_tensors(source: str, wanted: set[str], revision: str | None) -> dict[str, torch.Tensor]:

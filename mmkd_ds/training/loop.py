@@ -217,7 +217,12 @@ def train(cfg: RunConfig, ds_config_path: str | None, resume: bool = False) -> T
     torch.manual_seed(cfg.train.seed)  # same head initialisation on every rank
 
     # Student, heads, and the teacher side.
+    loading_started = time.perf_counter()
+    if place.is_main:
+        tqdm.write(f"loading the student {cfg.student.name}")
     student, tokenizer = build_student(cfg)
+    if place.is_main:
+        tqdm.write(f"student loaded in {time.perf_counter() - loading_started:.1f} s")
     online = cfg.train.teacher_mode == "online"
     teacher = build_online_teacher(cfg, device) if online else None
     model = build_model(cfg, student, teacher_hidden_size(cfg))
@@ -271,18 +276,30 @@ def train(cfg: RunConfig, ds_config_path: str | None, resume: bool = False) -> T
     elif resume and place.is_main:
         tqdm.write(f"--resume: no checkpoint in {ckpt_dir}, starting fresh")
 
+    saved_once = False
+
     def checkpoint() -> str:
+        nonlocal saved_once
+        first = place.is_main and not saved_once  # the first save may take long: say so
+        if first:
+            tqdm.write(f"step {step}: saving the first checkpoint to {ckpt_dir}")
+        save_started = time.perf_counter()
         client = {"step": step, "stream": loader.state_dict(), "config": config_fingerprint(cfg),
                   "config_hash": config_hash(cfg), "settings": run_settings(cfg), "schedule": schedule.record(),
                   "lr_step": engine.lr_scheduler.last_epoch, "world_size": place.world_size,
                   "skipped": skipped_total}
         tag = save_checkpoint(engine, ckpt_dir, step, client, place.rank)
+        if first:
+            tqdm.write(f"step {step}: checkpoint {tag} saved in {time.perf_counter() - save_started:.1f} s")
+        saved_once = True
         if place.is_main:
             prune_checkpoints(ckpt_dir, cfg.train.keep_checkpoints)
         return tag
 
     preemption = PreemptionFlag()
     if heldout and step == 0:
+        if place.is_main:
+            tqdm.write(f"step 0: held-out retrieval on {len(heldout)} pairs before training")
         run_heldout_eval(engine, tokenizer, heldout, device, 0, metrics, place.is_main)
 
     batches = iter(loader)
