@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install (idempotent) and run the test suite: CPU only, no network, about 13 minutes on 2 cores.
+# Install (idempotent) and run the test suite: CPU only, no network; about 15 minutes on a quiet
+# 2-core machine, longer on a busy one (docs/install.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

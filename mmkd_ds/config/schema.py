@@ -119,7 +119,7 @@ class TeacherConfig:
     pooling: str = "first"
     # Storage dtype of the vectors in the shards: "float16" (half of float32; .npy has no bf16),
     # "float32", or "int8" (per-row symmetric quantisation with a scale per vector: half of
-    # float16 again, at a relative error near 1% per vector; see the README's shard format).
+    # float16 again, at a relative error near 1% per vector; see docs/shards.md).
     dtype: str = "float16"
     # Longest teacher input in subwords, specials included; longer sentences are cut at a word
     # boundary.
