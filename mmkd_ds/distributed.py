@@ -66,8 +66,6 @@ def init_distributed():
 def _shm_op_build_watch():
     """On CPU, DeepSpeed builds its communication op here (mmkd_ds.extension_lock): a build
     cache per environment, a lock left by a dead builder removed, and a wait that says on what."""
-    import contextlib
-
     import torch
 
     if torch.cuda.is_available():
