@@ -10,13 +10,13 @@ PY=${PYTHON:-python3}
 pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 
 # 1. torch first, so that nothing later pulls the registry's newest (CUDA) build.
-if ! "$PY" -c "import torch" 2>/dev/null; then
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   echo "setup: installing ${TORCH_SPEC:-torch==2.13.0}"
   pip_install "${TORCH_SPEC:-torch==2.13.0}"
 fi
 # 2. deepspeed ships as source: build it against the installed torch (no isolated build
 #    environment, which would download its own torch) and without precompiled ops (JIT).
-if ! "$PY" -c "import deepspeed" 2>/dev/null; then
+if ! "$PY" -c "import deepspeed" >/dev/null 2>&1; then  # its logger writes to stdout
   echo "setup: installing ${DEEPSPEED_SPEC:-deepspeed==0.19.8} (DS_BUILD_OPS=0, no build isolation)"
   DS_BUILD_OPS=0 pip_install --no-build-isolation "${DEEPSPEED_SPEC:-deepspeed==0.19.8}"
 fi
