@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -144,13 +145,15 @@ def portable_tokenizer_config(tokenizer_dir: Path, tokenizer) -> str | None:
 
 
 def export_student(ckpt_dir: Path, tag: str, student_name: str, tokenizer, out_dir: Path,
-                   revision: str | None = None) -> Path:
+                   revision: str | None = None, finish: Callable[[Path], None] | None = None) -> Path:
     """Write ``out_dir`` (config, weights with a pooler, tokenizer); loadable by
     AutoModelForMaskedLM and AutoModel with transformers 4.x and 5.x.
 
     ``student_name``: the initial student as ``student.name`` gives it (a directory, a packaged
     model or a cached hub name; ``revision`` for the latter): its config, and its pooler when its
-    checkpoint has one.
+    checkpoint has one. ``finish``: called with the directory being written, before it replaces
+    ``out_dir``, to add files (the sentence-transformers files, the model card), so that
+    ``out_dir`` is never seen half-written.
     """
     state = consolidated_state_dict(ckpt_dir, tag)
     student_state = {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)}
@@ -177,6 +180,8 @@ def export_student(ckpt_dir: Path, tag: str, student_name: str, tokenizer, out_d
     model.save_pretrained(tmp, state_dict=weights)
     tokenizer.save_pretrained(tmp)
     portable_tokenizer_config(tmp, tokenizer)
+    if finish is not None:
+        finish(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return out_dir

@@ -401,9 +401,13 @@ def train(cfg: RunConfig, ds_config_path: str | None, resume: bool = False) -> T
         torch.distributed.barrier()
         if place.is_main:
             from mmkd_ds.training.export import export_student
+            from mmkd_ds.training.model_card import export_finisher, training_command
 
             revision = None if Path(cfg.student.name).exists() else cfg.student.revision
-            export_dir = export_student(ckpt_dir, last_tag, cfg.student.name, tokenizer, out_dir / "student", revision)
+            # Also the sentence-transformers files ([CLS] pooling) and the model card (README.md).
+            finish = export_finisher(ckpt_dir, last_tag, "cls", out_dir, training_command())
+            export_dir = export_student(ckpt_dir, last_tag, cfg.student.name, tokenizer, out_dir / "student", revision,
+                                        finish=finish)
         torch.distributed.barrier()
     return TrainResult(step, time.perf_counter() - started, samples_done, skipped_total, preempted,
                        last_losses, last_tag, export_dir)
