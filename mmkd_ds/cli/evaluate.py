@@ -39,13 +39,16 @@ Evaluate an encoder (a Hugging Face model directory or hub name) on held-out dat
 Tasks:
   retrieval  nearest-neighbour accuracy of each held-out translation among the English sentences
              and back, per language; the pairs are data.heldout of --config (without --config: the
-             bundled sample's held-out split, in de, fr, sw and ur)
+             bundled sample's held-out split, in de, fr, sw and ur), or with --bitext DIR the MTEB
+             Tatoeba / BUCC files under DIR (as the mteb package caches them), offline
   xnli, pawsx, xquad  zero-shot cross-lingual transfer: fine-tune on the English training data,
              test on every language of --languages (data from the Hugging Face hub or --data-dir)
 
 Examples:
   mmkd-eval --task retrieval --model runs/demo/distill/student --baseline runs/demo/student-init \\
       --config configs/demo.yaml --out runs/demo/eval
+  mmkd-eval --task retrieval --model runs/demo/distill/student \
+      --bitext ~/.cache/huggingface/hub/datasets--mteb--tatoeba-bitext-mining --languages deu,swh,urd
   mmkd-eval --task xnli --model DIR --languages en,de,sw,ur --data-dir data/xnli --out DIR
   deepspeed --num_gpus 8 launchers/evaluate.py --task xquad --model DIR --languages en,de,ar \\
       --deepspeed_config ds_configs/zero2.json       # data-parallel fine-tuning, rank 0 writes
@@ -74,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                                  "bundled sample's held-out split)")
     parser.add_argument("--pooling", choices=("cls", "mean"), default="cls",
                         help="retrieval: the sentence vector, the [CLS] state or the mean of the token states")
+    parser.add_argument("--bitext", metavar="DIR",
+                        help="retrieval: the pairs are the MTEB bitext files (Tatoeba, BUCC; test split) under DIR, "
+                             "e.g. the Hugging Face cache of mteb/tatoeba-bitext-mining, instead of data.heldout; "
+                             "--languages keeps only those codes, as MTEB spells them (deu, swh)")
     parser.add_argument("--out", metavar="DIR", help="directory for the result files (see Outputs); none: print only")
     parser.add_argument("--label", default="", help="name shown in the summary line (default: --model)")
     parser.add_argument("--baseline", metavar="MODEL",
@@ -115,9 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     from mmkd_ds.data.corpus import CorpusError, build_heldout
     from mmkd_ds.evaluation.retrieval import evaluate_retrieval, load_encoder
 
+    low_resource = ("sw", "ur")
     try:
         cfg = load_config(args.config, overrides)
-        pairs = build_heldout(cfg.data).pairs
+        if args.bitext:
+            from mmkd_ds.evaluation.bitext import read_bitext
+
+            bitext = read_bitext(args.bitext, args.languages.split(",") if args.languages else None)
+            pairs, low_resource = bitext.pairs, ("sw", "ur", "swh", "urd")  # MTEB spells them swh, urd
+        else:
+            pairs = build_heldout(cfg.data).pairs
     except (ConfigError, CorpusError, FileNotFoundError, ValueError) as exc:
         print(f"mmkd-eval: {exc}", file=sys.stderr)
         return 2
@@ -127,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     # Said before the models load and the search runs (seconds to minutes, nothing else printed).
     sources = ", ".join(src.path or src.hf_name for src in cfg.data.heldout)
     default = " (no --config: data.heldout's default, the bundled sample)" if args.config is None else ""
+    if args.bitext:
+        sources, default = f"{len(bitext.files)} MTEB bitext files under {args.bitext}", ""
     print(f"mmkd-eval: retrieval on {pair_counts(pairs)} from {sources}{default}", flush=True)
     from mmkd_ds.model_source import ModelSourceError
 
@@ -136,10 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     except ModelSourceError as exc:
         print(f"mmkd-eval: {exc}", file=sys.stderr)
         return 2
-    result = evaluate_retrieval(model, tokenizer, pairs, pooling=args.pooling)
+    result = evaluate_retrieval(model, tokenizer, pairs, pooling=args.pooling, low_resource=low_resource)
     baseline = None
     if baseline_encoder is not None:
-        baseline = evaluate_retrieval(*baseline_encoder, pairs, pooling=args.pooling)
+        baseline = evaluate_retrieval(*baseline_encoder, pairs, pooling=args.pooling, low_resource=low_resource)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
