@@ -25,10 +25,13 @@ def exports(tmp_path_factory, student_tokenizer):
 
     root = tmp_path_factory.mktemp("st-export")
     init = tiny_mlm(student_tokenizer, False, root / "init")
-    # 128 positions, as mmkd-eval's 128-token limit needs for the held-out sample's longest texts.
+    # 128 positions, as mmkd-eval's 128-token limit needs for the held-out sample's longest texts;
+    # large random weights, so that sentences get clearly different vectors (with BERT's 0.02 every
+    # [CLS] is nearly the same and nearest neighbours are decided by float rounding).
     config = json.loads((init / "config.json").read_text())
     torch.manual_seed(0)
-    BertForMaskedLM(BertConfig(**{**config, "max_position_embeddings": 128})).save_pretrained(init)
+    BertForMaskedLM(BertConfig(**{**config, "max_position_embeddings": 128, "initializer_range": 0.5})
+                    ).save_pretrained(init)
     ckpt_dir, tag = fake_checkpoint(root / "ckpt", BertForMaskedLM.from_pretrained(init))
     tokenizer = AutoTokenizer.from_pretrained(init)
     return {pooling: export_student(ckpt_dir, tag, str(init), tokenizer, root / f"student-{pooling}",
