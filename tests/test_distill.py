@@ -274,10 +274,13 @@ def test_ctrl_c_saves_checkpoint_and_exits(setup, tmp_path):
     assert step >= 2 and f"step {step}: SIGINT received, checkpoint {tag} saved" in stdout, stdout[-3000:]
     assert "stopped early" in stdout
 
-    # Resuming on another number of ranks is refused, naming the field (the other fields --
-    # batch size, corpus, shards, seed -- go through the same check: tests/test_resume_checks.py).
-    result = launch(setup, out_dir, "--resume", "--train.steps=500", "--train.eval_every=0", gpus=1)
-    assert result.returncode == 2 and "world_size was 2" in result.stderr, result.stderr[-3000:]
+    # Resuming on another number of ranks keeps the global batch through grad_accum
+    # (tests/test_elastic_resume.py); where no grad_accum can, it is refused in one line naming
+    # the choices (corpus, shards, seed: tests/test_resume_checks.py).
+    result = launch(setup, out_dir, "--resume", "--train.steps=500", "--train.eval_every=0", "--stream.batch_size=3",
+                    gpus=1)
+    assert result.returncode == 2 and "cannot resume on 1 ranks with stream.batch_size 3" in result.stderr, \
+        result.stderr[-3000:]
     # On the same ranks it continues, here lengthened to 600 steps: the resume lists the changed
     # settings and re-plans the linear decay from the lr it had reached (no jump); train.stop_at
     # ends it with a checkpoint.

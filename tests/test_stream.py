@@ -92,14 +92,19 @@ def test_resume_continues_at_the_next_sample(tmp_path):
     assert got == reference
 
 
-def test_resume_refuses_changed_world_or_batch(tmp_path):
+def test_resume_refuses_another_order_but_replans_another_layout(tmp_path):
     make_shards(tmp_path, UNEVEN)
-    state = loader_for(tmp_path, 0, 2).state_dict()
-    with pytest.raises(ValueError, match="world_size"):
-        loader_for(tmp_path, 0, 4).load_state_dict(state)
-    with pytest.raises(ValueError, match="batch_size"):
-        loader_for(tmp_path, 0, 2, batch_size=4).load_state_dict(state)
-    loader_for(tmp_path, 0, 4).load_state_dict(state, allow_changes=True)
+    saved = loader_for(tmp_path, 0, 2)
+    saved.position = 2
+    state = saved.state_dict()
+    with pytest.raises(ValueError, match="seed"):
+        loader_for(tmp_path, 0, 2, seed=6).load_state_dict(state)
+    loader_for(tmp_path, 0, 2, seed=6).load_state_dict(state, allow_changes=True)
+    # Another world size or batch size re-plans the rest of the epoch (tests/test_plan_elastic.py).
+    other = loader_for(tmp_path, 0, 4)
+    assert "epoch 0 re-planned: its 24 unread samples" in other.load_state_dict(state)
+    assert other.position == 0 and other.ranges == [(6, 18), (24, 36)]
+    assert "re-planned" in loader_for(tmp_path, 0, 2, batch_size=4).load_state_dict(state)
 
 
 def test_truncated_shard_is_named(tmp_path):

@@ -15,6 +15,17 @@ Ranks thus always have the same number of batches, whatever the shard sizes, and
 waits forever in a collective. Each sample is seen exactly once per epoch when W*B divides T.
 Batch j is the same whatever the number of data-loader workers, so a checkpoint only needs
 (epoch, batches consumed).
+
+Lanes. With gradient accumulation G the order is cut into L = W*G contiguous *lanes* instead of W
+runs, and rank r reads lanes r*G .. r*G+G-1 in turn (micro-batch t: lane r*G + t%G, its batch
+t//G); with G = 1 that is the layout above. An optimizer step thus takes the next batch of every
+lane, whatever W and G are as long as W*G (the global batch over B) is the same: a run resumed on
+other ranks with the grad_accum that keeps the global batch reads the very same steps.
+
+Remaining ranges. A resume whose lanes cannot continue (another global batch, batch size, or
+lanes consumed unevenly) plans the rest of the epoch over ``ranges``: the positions of the
+epoch's order not yet read (:func:`remaining_ranges`), concatenated and cut into lanes again.
+Over the epoch no sample is then skipped, and none repeated except padding.
 """
 
 from __future__ import annotations
@@ -37,8 +48,30 @@ def _rng(*keys: int) -> np.random.Generator:
     return np.random.default_rng([int(k) for k in keys])
 
 
+Ranges = list[tuple[int, int]]  # half-open [start, end) position ranges of an epoch's order
+
+
+def merge_ranges(ranges: Ranges) -> Ranges:
+    """Empty ranges dropped and touching neighbours joined (order kept)."""
+    out: Ranges = []
+    for start, end in ranges:
+        if end <= start:
+            continue
+        if out and out[-1][1] == start:
+            out[-1] = (out[-1][0], end)
+        else:
+            out.append((int(start), int(end)))
+    return out
+
+
 @dataclass
 class EpochPlan:
+    """The plan of one rank for one epoch (see the module docstring).
+
+    ``num_batches``: micro-batches this rank reads (``grad_accum`` lanes of ``lane_batches``).
+    ``ranges``: the positions of the order this plan covers (None: the whole epoch).
+    """
+
     shards: list[PlanShard]
     seed: int
     epoch: int
@@ -46,6 +79,8 @@ class EpochPlan:
     rank: int
     batch_size: int
     uneven: str = "pad"
+    grad_accum: int = 1
+    ranges: Ranges | None = None
 
     def __post_init__(self) -> None:
         if not self.shards:
@@ -54,17 +89,41 @@ class EpochPlan:
         sizes = np.array([self.shards[i].samples for i in self.order], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(sizes)])  # offsets of shards in the order
         self.total = int(self.starts[-1])
-        per_round = self.world_size * self.batch_size
+        if self.ranges is not None:
+            self.ranges = merge_ranges(self.ranges)
+            if any(s < 0 or e > self.total for s, e in self.ranges):
+                raise ValueError(f"epoch plan: ranges {self.ranges} outside the epoch's {self.total} samples")
+        # Offsets of the ranges in their concatenation (the plan's own sequence of positions).
+        lengths = [e - s for s, e in self.ranges] if self.ranges is not None else [self.total]
+        self._range_starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        self.size = int(self._range_starts[-1])  # samples this plan covers
+        self.lanes = self.world_size * self.grad_accum
+        per_round = self.lanes * self.batch_size
         if self.uneven == "pad":
-            self.num_batches = -(-self.total // per_round)
+            self.lane_batches = -(-self.size // per_round)
         else:
-            self.num_batches = self.total // per_round
-            if self.num_batches == 0:
+            self.lane_batches = self.size // per_round
+            if self.lane_batches == 0 and self.ranges is None:
                 raise ValueError(
                     f"epoch plan: {self.total} samples are fewer than one batch of {self.batch_size} "
-                    f"on each of {self.world_size} ranks (use uneven=pad or a smaller batch)"
+                    f"on each of {self.lanes} lanes ({self.world_size} ranks x grad_accum {self.grad_accum}; "
+                    "use uneven=pad or a smaller batch)"
                 )
+        self.num_batches = self.lane_batches * self.grad_accum
         self._perms: dict[int, np.ndarray] = {}
+
+    def position_of(self, index: int) -> int:
+        """Index in the plan's sequence (past its end: padding, wrapping to its start) -> position
+        in the epoch's order."""
+        if self.ranges is None:
+            return index  # locate() wraps past the end, as it always has
+        i = index % self.size
+        k = int(np.searchsorted(self._range_starts, i, side="right")) - 1
+        return self.ranges[k][0] + i - int(self._range_starts[k])
+
+    def lane_of(self, j: int) -> tuple[int, int]:
+        """This rank's micro-batch ``j`` -> (lane, batch index within the lane)."""
+        return self.rank * self.grad_accum + j % self.grad_accum, j // self.grad_accum
 
     def _within(self, shard_pos: int) -> np.ndarray:
         if shard_pos not in self._perms:
@@ -81,8 +140,45 @@ class EpochPlan:
         return shard, shard.first_index + local
 
     def batch(self, j: int) -> list[tuple[PlanShard, int]]:
-        """The samples of this rank's batch ``j`` as (shard, global sample index)."""
+        """The samples of this rank's micro-batch ``j`` as (shard, global sample index)."""
         if not 0 <= j < self.num_batches:
             raise IndexError(f"batch {j} outside 0..{self.num_batches - 1}")
-        base = (self.rank * self.num_batches + j) * self.batch_size
-        return [self.locate(base + i) for i in range(self.batch_size)]
+        lane, k = self.lane_of(j)
+        base = (lane * self.lane_batches + k) * self.batch_size
+        return [self.locate(self.position_of(base + i)) for i in range(self.batch_size)]
+
+    def key(self, j: int) -> tuple[int, int, int]:
+        """``(epoch, lane, batch in lane)`` of micro-batch ``j``: names the batch whatever the
+        number of ranks (with grad_accum 1, ``(epoch, rank, j)``)."""
+        return (self.epoch, *self.lane_of(j))
+
+
+def lanes_consumed(position: int, grad_accum: int) -> list[int]:
+    """Batches each of a rank's ``grad_accum`` lanes has handed out after ``position`` micro-batches."""
+    return [(position - m + grad_accum - 1) // grad_accum if position > m else 0 for m in range(grad_accum)]
+
+
+def remaining_ranges(plan: EpochPlan, position: int) -> Ranges:
+    """Positions of ``plan``'s epoch order that no rank has read after every rank handed out
+    ``position`` micro-batches (ranks advance together), in lane order.
+
+    Padding (plan indices past its size) repeats samples and is not counted; with
+    ``uneven="drop"`` the tail the plan left out is counted, so a re-plan still reads it.
+    """
+    per_rank = lanes_consumed(position, plan.grad_accum)
+    index_ranges = []
+    for lane in range(plan.lanes):
+        start = (lane * plan.lane_batches + per_rank[lane % plan.grad_accum]) * plan.batch_size
+        end = min((lane + 1) * plan.lane_batches * plan.batch_size, plan.size)
+        index_ranges.append((start, end))
+    index_ranges.append((plan.lanes * plan.lane_batches * plan.batch_size, plan.size))  # dropped tail
+    out: Ranges = []
+    for start, end in merge_ranges([(s, e) for s, e in index_ranges if e > s]):
+        # plan indices -> positions, range by range of the plan's own ranges
+        bounds = plan._range_starts
+        spans = plan.ranges if plan.ranges is not None else [(0, plan.total)]
+        for k, (rs, re_) in enumerate(spans):
+            lo, hi = max(start, int(bounds[k])), min(end, int(bounds[k + 1]))
+            if lo < hi:
+                out.append((rs + lo - int(bounds[k]), rs + hi - int(bounds[k])))
+    return merge_ranges(out)

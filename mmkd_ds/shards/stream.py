@@ -24,14 +24,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from mmkd_ds.config.schema import StreamConfig, TeacherConfig
 from mmkd_ds.distributed import ProcessPlace
 from mmkd_ds.shards.manifest import Manifest, check_manifest, read_manifest
-from mmkd_ds.shards.plan import EpochPlan, PlanShard
+from mmkd_ds.shards.plan import EpochPlan, PlanShard, Ranges, lanes_consumed, remaining_ranges
 from mmkd_ds.shards.reader import ShardCache, ShardError, check_shard
 from mmkd_ds.shards.writer import ShardRecord
 
 log = logging.getLogger(__name__)
 
-# transform(samples, key): key = (epoch, rank, batch index) identifies the batch, so that any
-# randomness in the transform (masking) can be seeded by it rather than by worker state.
+# transform(samples, key): key = (epoch, lane, batch index in the lane) identifies the batch
+# (with grad_accum 1: (epoch, rank, batch index)), so that any randomness in the transform
+# (masking) can be seeded by it rather than by worker state or the number of ranks.
 Transform = Callable[[list, tuple], Any]
 
 
@@ -91,6 +92,7 @@ class ShardStream(IterableDataset):
         uneven: str = "pad",
         transform: Transform | None = None,
         open_reader: Callable[[], Any] | None = None,
+        grad_accum: int = 1,
     ):
         self.shard_dir = Path(shard_dir)
         # Makes the per-worker reader: ``reader.get(shard_name).read(global_index)``. Default:
@@ -103,10 +105,12 @@ class ShardStream(IterableDataset):
         self.seed = seed
         self.uneven = uneven
         self.transform = transform
+        self.grad_accum = grad_accum  # lanes per rank (see plan.py)
         self.epoch = 0
         self.start_batch = 0
+        self.ranges: Ranges | None = None  # the current epoch's remaining positions after a re-plan
 
-    def plan(self, epoch: int | None = None) -> EpochPlan:
+    def plan(self, epoch: int | None = None, ranges: Ranges | None = None) -> EpochPlan:
         return EpochPlan(
             self.plan_shards,
             self.seed,
@@ -115,19 +119,21 @@ class ShardStream(IterableDataset):
             self.place.rank,
             self.batch_size,
             self.uneven,
+            self.grad_accum,
+            ranges,
         )
 
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        plan = self.plan()
+        plan = self.plan(ranges=self.ranges)
         cache = self.open_reader() if self.open_reader else ShardCache(self.shard_dir, self.records)
         try:
             # The first batch >= start_batch that belongs to this worker.
             first = self.start_batch + (worker - self.start_batch) % workers
             for j in range(first, plan.num_batches, workers):
                 samples = [cache.get(shard.name).read(index) for shard, index in plan.batch(j)]
-                yield self.transform(samples, (plan.epoch, self.place.rank, j)) if self.transform else samples
+                yield self.transform(samples, plan.key(j)) if self.transform else samples
         finally:
             cache.close()
 
@@ -148,6 +154,8 @@ class ShardLoader:
 
     ``position`` counts the batches of the current epoch already handed out; it is advanced
     before a batch is yielded, so a checkpoint taken after training on it resumes at the next.
+    ``ranges``: set when a resume on another layout re-planned the rest of the current epoch
+    (:func:`~mmkd_ds.shards.plan.remaining_ranges`); the next epoch is whole again.
     """
 
     stream: ShardStream
@@ -155,10 +163,12 @@ class ShardLoader:
     fingerprint: str = ""
     epoch: int = 0
     position: int = 0
+    ranges: Ranges | None = None
     _loader_kwargs: dict = field(default_factory=dict)
 
     @property
     def batches_per_epoch(self) -> int:
+        """Micro-batches each rank reads in a whole epoch (a re-planned remainder aside)."""
         return self.stream.plan(self.epoch).num_batches
 
     def __iter__(self) -> Iterator[Any]:
@@ -169,6 +179,7 @@ class ShardLoader:
         """The rest of the current epoch; afterwards the loader stands at the next epoch."""
         self.stream.epoch = self.epoch
         self.stream.start_batch = self.position
+        self.stream.ranges = self.ranges
         loader = DataLoader(
             self.stream,
             batch_size=None,  # the stream yields whole batches
@@ -187,29 +198,39 @@ class ShardLoader:
             yield batch
         self.epoch += 1
         self.position = 0
+        self.ranges = None
 
     def state_dict(self) -> dict:
         return {
             "epoch": self.epoch,
             "position": self.position,
+            "ranges": [list(r) for r in self.ranges] if self.ranges is not None else None,
             "seed": self.stream.seed,
             "world_size": self.stream.place.world_size,
+            "grad_accum": self.stream.grad_accum,
             "batch_size": self.stream.batch_size,
             "uneven": self.stream.uneven,
             "shards": sorted(self.stream.records),
             "fingerprint": self.fingerprint,
         }
 
-    def load_state_dict(self, state: dict, allow_changes: bool = False) -> None:
-        """Continue at exactly the next sample of a saved run.
+    def load_state_dict(self, state: dict, allow_changes: bool = False) -> str:
+        """Continue at exactly the next sample of a saved run; returns "" or a line saying how
+        the epoch was re-planned.
 
-        A different world size, batch size, seed, shard set or corpus would silently change
-        which samples come next, so they are refused unless ``allow_changes`` (then the saved
-        epoch continues from the same batch number of the new plan).
+        Another layout (world size, grad_accum, batch size) continues the epoch where it was:
+        with the same number of lanes of the same batch size, and lanes read evenly, the saved
+        plan goes on unchanged (each step reads the batches it would have read); otherwise the
+        positions not yet read are planned anew over the new ranks (:func:`remaining_ranges`),
+        so that no sample of the epoch is skipped or repeated. A different seed, shard set or
+        corpus would silently change which samples come next, so they are refused unless
+        ``allow_changes`` (then the saved epoch continues from the same batch number of the new
+        plan).
         """
         current = self.state_dict()
+        data_changed = any(state.get(k) != current[k] for k in ("seed", "uneven", "shards", "fingerprint"))
         if not allow_changes:
-            for key in ("world_size", "batch_size", "seed", "uneven", "shards", "fingerprint"):
+            for key in ("seed", "uneven", "shards", "fingerprint"):
                 if state.get(key) != current[key]:
                     shown = "a different shard list" if key == "shards" else f"{state.get(key)!r}"
                     raise ValueError(
@@ -218,6 +239,29 @@ class ShardLoader:
                     )
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
+        saved_ranges = [tuple(r) for r in state["ranges"]] if state.get("ranges") is not None else None
+        self.ranges = saved_ranges
+        # Checkpoints written before lanes existed name no grad_accum: their layout is the current one.
+        saved_world, saved_accum = int(state.get("world_size", 1)), int(state.get("grad_accum", current["grad_accum"]))
+        saved_batch = int(state.get("batch_size", current["batch_size"]))
+        world, accum, batch = current["world_size"], current["grad_accum"], current["batch_size"]
+        if data_changed:
+            self.ranges = None  # positions of another order
+            return ""
+        if (saved_world, saved_accum, saved_batch) == (world, accum, batch):
+            return ""
+        consumed = lanes_consumed(self.position, saved_accum)
+        if saved_world * saved_accum == world * accum and saved_batch == batch and len(set(consumed)) == 1:
+            # Same lanes, read evenly: the saved plan goes on, each rank now reading its lanes.
+            self.position = consumed[0] * accum
+            return ""
+        old = EpochPlan(self.stream.plan_shards, self.stream.seed, self.epoch, saved_world, 0, saved_batch,
+                        self.stream.uneven, saved_accum, saved_ranges)
+        self.ranges = remaining_ranges(old, self.position)
+        self.position = 0
+        left = sum(e - s for s, e in self.ranges)
+        return (f"stream: epoch {self.epoch} re-planned: its {left} unread samples split anew over "
+                f"{world * accum} lanes of {batch} ({world} ranks x grad_accum {accum})")
 
 
 def build_loader(
@@ -226,6 +270,7 @@ def build_loader(
     place: ProcessPlace,
     shard_dir: str | Path,
     transform: Transform | None = None,
+    grad_accum: int = 1,
 ) -> ShardLoader:
     """Read and check the manifest, verify the shards, and return a ready ShardLoader.
 
@@ -239,7 +284,7 @@ def build_loader(
     records, problems = verify_shards(shard_dir, manifest, cfg.verify, cfg.on_bad_shard, place)
     if problems and place.is_main:
         log.warning("skipping %d bad shard(s): %s", len(problems), ", ".join(sorted(problems)))
-    stream = ShardStream(shard_dir, records, place, cfg.batch_size, cfg.seed, cfg.uneven, transform)
+    stream = ShardStream(shard_dir, records, place, cfg.batch_size, cfg.seed, cfg.uneven, transform, grad_accum=grad_accum)
     loader = ShardLoader(stream, cfg.num_workers, fingerprint=manifest.corpus.get("fingerprint", ""))
     loader.skipped_shards = problems  # type: ignore[attr-defined]
     return loader

@@ -152,15 +152,14 @@ def read_run_state(ckpt_dir: Path) -> dict | None:
 def check_resume(state: dict, world_size: int, stream_state: dict, allow_changes: bool) -> None:
     """Refuse a resume that would silently change what is trained, naming the field.
 
-    World size and batch size change which samples each rank sees and the optimizer's
-    partitioning; another corpus (shard set or fingerprint) changes the data itself.
+    Another corpus (shard set or fingerprint) or stream seed changes the data itself. Another
+    world size or batch size is an elastic resume (training/elastic.py): the global batch is
+    kept or refused there, and the epoch's unread samples are planned anew.
     """
     if allow_changes:
         return
     saved_stream = state.get("stream", {})
     checks = [
-        ("world_size", state.get("world_size"), world_size),
-        ("stream.batch_size", saved_stream.get("batch_size"), stream_state["batch_size"]),
         ("corpus fingerprint", saved_stream.get("fingerprint"), stream_state["fingerprint"]),
         ("shard set", saved_stream.get("shards"), stream_state["shards"]),
         ("stream.seed", saved_stream.get("seed"), stream_state["seed"]),
@@ -179,18 +178,38 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return latest.read_text().strip() if latest.is_file() else None
 
 
-def load_checkpoint(engine, ckpt_dir: Path, rank: int) -> dict | None:
-    """Restore the latest checkpoint into ``engine`` and this rank's RNG; return client state."""
+def seed_rank_rng(seed: int, step: int, rank: int) -> None:
+    """Seed this rank's RNGs from (seed, step, rank): a rank the checkpoint has no RNG state for
+    (a resume on more ranks) gets a reproducible stream of its own."""
+    ss = np.random.SeedSequence([int(seed), int(step), int(rank)])
+    value = int(ss.generate_state(1, dtype=np.uint32)[0])
+    torch.manual_seed(value)
+    np.random.seed(value)
+    random.seed(value)
+
+
+def load_checkpoint(engine, ckpt_dir: Path, rank: int, universal: Path | None = None, seed: int = 0) -> dict | None:
+    """Restore the latest checkpoint into ``engine`` and this rank's RNG; return client state.
+
+    ``universal``: the checkpoint's DeepSpeed universal folder, for an engine built with
+    ``load_universal`` (a resume on another world size or ZeRO stage; see elastic.py). Each rank
+    restores its own RNG file; a rank that has none (more ranks than the checkpoint's) is
+    seeded from (seed, step, rank) instead.
+    """
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None
-    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    load_tag = universal.name if universal is not None else tag
+    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=load_tag)
     if path is None:
-        raise RuntimeError(f"{ckpt_dir / tag}: DeepSpeed could not load this checkpoint")
+        raise RuntimeError(f"{ckpt_dir / load_tag}: DeepSpeed could not load this checkpoint")
     rng_file = ckpt_dir / tag / f"rng_rank{rank}.pt"
-    if not rng_file.is_file():
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    elif universal is not None:
+        seed_rank_rng(seed, int(client_state.get("step", 0)), rank)
+    else:
         raise RuntimeError(f"{rng_file}: missing (was the checkpoint written by a different world size?)")
-    set_rng_state(torch.load(rng_file, weights_only=False))
     return client_state
 
 
@@ -198,8 +217,11 @@ def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
     """Delete all but the newest ``keep`` tags (rank 0 only; never the one `latest` names)."""
     if keep <= 0:
         return
-    tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())
+    # Tags only: a tag's universal conversion (<tag>_universal, elastic.py) goes with its tag.
+    tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir() and p.name[4:].isdigit())
     current = latest_tag(ckpt_dir)
     for old in tags[:-keep]:
         if old.name != current:
             shutil.rmtree(old, ignore_errors=True)
+            for converted in ckpt_dir.glob(f"{old.name}_universal*"):
+                shutil.rmtree(converted, ignore_errors=True)

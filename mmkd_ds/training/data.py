@@ -61,12 +61,12 @@ def build_corpus_loader(cfg: RunConfig, place: ProcessPlace, transform: Transfor
     ]
     stream = ShardStream(
         Path("."), records, place, cfg.stream.batch_size, cfg.stream.seed, cfg.stream.uneven, transform,
-        open_reader=lambda: CorpusReader(pairs),
+        open_reader=lambda: CorpusReader(pairs), grad_accum=cfg.train.grad_accum,
     )
     return ShardLoader(stream, cfg.stream.num_workers, fingerprint=corpus_fingerprint(pairs))
 
 
 def build_train_loader(cfg: RunConfig, place: ProcessPlace, transform: Transform) -> ShardLoader:
     if cfg.train.teacher_mode == "precomputed":
-        return build_loader(cfg.stream, cfg.teacher, place, shard_dir_of(cfg), transform)
+        return build_loader(cfg.stream, cfg.teacher, place, shard_dir_of(cfg), transform, cfg.train.grad_accum)
     return build_corpus_loader(cfg, place, transform)

@@ -35,6 +35,7 @@ from mmkd_ds.training.checkpoint import (
 )
 from mmkd_ds.training.data import build_train_loader, teacher_hidden_size
 from mmkd_ds.training.ds_config import build_ds_config
+from mmkd_ds.training.elastic import ElasticResume, plan_elastic_resume, restore_group_settings, restore_module_extras
 from mmkd_ds.training.metrics import MetricsLogger, memory_scalars
 from mmkd_ds.training.optim import (
     Schedule,
@@ -121,15 +122,18 @@ def build_model(cfg: RunConfig, student: nn.Module, teacher_hidden: int) -> MMKD
 
 
 def build_engine(cfg: RunConfig, model: nn.Module, ds_config_path: str | None, world_size: int, device_type: str,
-                 schedule: Schedule | None = None):
+                 schedule: Schedule | None = None, load_universal: bool = False):
     """``(engine, ds_config, notes)``: the DeepSpeed engine with ZeRO from the JSON and the
     hyper-parameters (optimizer, schedule, batch, precision) from the run config; ``notes`` say
     where the YAML overrode the JSON. ``schedule``: the resolved run length and peak lr
-    (default: ``train.steps``, ``train.warmup_steps`` and ``train.lr`` as they are)."""
+    (default: ``train.steps``, ``train.warmup_steps`` and ``train.lr`` as they are).
+    ``load_universal``: the engine will load a DeepSpeed universal checkpoint (elastic.py)."""
     import deepspeed
 
     schedule = schedule or fixed_schedule(cfg.train)
     ds_config, notes = build_ds_config(ds_config_path, cfg, world_size, device_type)
+    if load_universal:
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     optimizer = build_optimizer(model, cfg.train, schedule.lr)
     scheduler = build_scheduler(optimizer, schedule)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
@@ -215,6 +219,14 @@ def train(cfg: RunConfig, ds_config_path: str | None, resume: bool = False) -> T
     out_dir = Path(cfg.train.out_dir)
     ckpt_dir = out_dir / "checkpoints"
     torch.manual_seed(cfg.train.seed)  # same head initialisation on every rank
+    # A resume on another world size or ZeRO stage is decided before anything is built: it may
+    # set grad_accum (to keep the global batch) and loads through DeepSpeed's universal format.
+    elastic: ElasticResume | None = None
+    if resume:
+        layout, _ = build_ds_config(ds_config_path, cfg, place.world_size, device.type)
+        elastic = plan_elastic_resume(cfg, ckpt_dir, place.world_size, layout)
+        if elastic is not None:
+            cfg = elastic.cfg
 
     # Student, heads, and the teacher side.
     loading_started = time.perf_counter()
@@ -245,7 +257,8 @@ def train(cfg: RunConfig, ds_config_path: str | None, resume: bool = False) -> T
         tqdm.write(schedule.line(cfg.train))
 
     # The engine: ZeRO from the JSON, hyper-parameters from the run config.
-    engine, ds_config, notes = build_engine(cfg, model, ds_config_path, place.world_size, device.type, schedule)
+    engine, ds_config, notes = build_engine(cfg, model, ds_config_path, place.world_size, device.type, schedule,
+                                            load_universal=bool(elastic and elastic.uses_universal))
     if teacher is not None and ds_config["bf16"]["enabled"]:
         teacher.model.to(torch.bfloat16)
     metrics = MetricsLogger(engine, out_dir, place.is_main)
@@ -259,20 +272,31 @@ def train(cfg: RunConfig, ds_config_path: str | None, resume: bool = False) -> T
         saved = read_run_state(ckpt_dir)
         check_resume(saved, place.world_size, loader.state_dict(), cfg.train.allow_resume_changes)
         # Refused here, before anything is loaded, if the lr would jump (see resume_schedule).
-        schedule, schedule_note = resume_schedule(saved.get("schedule"), schedule,
-                                                  int(saved.get("lr_step", saved["step"])),
+        lr_step = elastic.lr_step if elastic else int(saved.get("lr_step", saved["step"]))
+        schedule, schedule_note = resume_schedule(saved.get("schedule"), schedule, lr_step,
                                                   cfg.train.allow_resume_changes)
-        state = load_checkpoint(engine, ckpt_dir, place.rank)
+        universal = elastic.convert(ckpt_dir, place.rank) if elastic and elastic.uses_universal else None
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
+        state = load_checkpoint(engine, ckpt_dir, place.rank, universal, cfg.train.seed)
+        if universal is not None:  # what DeepSpeed's universal loading leaves out (elastic.py)
+            restore_group_settings(engine, groups)
+            restore_module_extras(engine, universal)
+        engine.lr_scheduler.last_epoch = lr_step  # differs from the checkpoint's with a new global batch
         apply_schedule(engine.lr_scheduler, schedule)
-        loader.load_state_dict(state["stream"], allow_changes=True)  # checked above
+        stream_note = loader.load_state_dict(state["stream"], allow_changes=True)  # checked above
         step, skipped_total = int(state["step"]), int(state.get("skipped", 0))
         dropped = metrics.rewind(step)  # what the interrupted run logged after its last checkpoint
+        if elastic:
+            step = elastic.step  # in samples, when the global batch changed
         if place.is_main:
             tqdm.write(f"resumed from {ckpt_dir / latest_tag(ckpt_dir)} at step {step}"
                        + (f"; dropped {dropped} metrics.jsonl records of later steps" if dropped else ""))
+            if elastic:
+                tqdm.write(elastic.line())
             tqdm.write(settings_changes(state, cfg))
-            if schedule_note:
-                tqdm.write(schedule_note)
+            for note in (schedule_note, stream_note):
+                if note:
+                    tqdm.write(note)
     elif resume and place.is_main:
         tqdm.write(f"--resume: no checkpoint in {ckpt_dir}, starting fresh")
 
@@ -287,7 +311,7 @@ def train(cfg: RunConfig, ds_config_path: str | None, resume: bool = False) -> T
         client = {"step": step, "stream": loader.state_dict(), "config": config_fingerprint(cfg),
                   "config_hash": config_hash(cfg), "settings": run_settings(cfg), "schedule": schedule.record(),
                   "lr_step": engine.lr_scheduler.last_epoch, "world_size": place.world_size,
-                  "skipped": skipped_total}
+                  "zero_stage": engine.zero_optimization_stage(), "skipped": skipped_total}
         tag = save_checkpoint(engine, ckpt_dir, step, client, place.rank)
         if first:
             tqdm.write(f"step {step}: checkpoint {tag} saved in {time.perf_counter() - save_started:.1f} s")
@@ -358,6 +382,11 @@ def train(cfg: RunConfig, ds_config_path: str | None, resume: bool = False) -> T
             samples, tokens, seconds = global_sum([window["samples"], window["tokens"], window["time"]], device)
             seconds /= place.world_size
             samples_done += int(samples)
+            if place.world_size > 1:  # the losses of the global batch: every rank's, averaged
+                names = list(pending[0][1])
+                flat = torch.stack([torch.stack([values[k] for k in names]) for _, values in pending])
+                torch.distributed.all_reduce(flat)
+                pending = [(s, dict(zip(names, row / place.world_size))) for (s, _), row in zip(pending, flat)]
             for s, values in pending:  # one host sync per log interval, not per step
                 metrics.write(s, {f"loss/{k}": float(v) for k, v in values.items()})
             last_losses = {k: float(v) for k, v in pending[-1][1].items()}
