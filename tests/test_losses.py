@@ -432,6 +432,34 @@ def test_mlp_head_layers_as_the_authors():
     torch.testing.assert_close(out.var(0, unbiased=False), v / (v + projector.net[-1].eps), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("training", [True, False])
+def test_heads_under_a_half_precision_engine(dtype, training):
+    """A bf16/fp16 DeepSpeed engine converts parameters, not buffers: BatchNorm weights in half
+    precision with fp32 running statistics, which torch's batch_norm alone refuses. The heads
+    must train there, close to the fp32 heads, and keep fp32 running statistics."""
+    torch.manual_seed(0)
+    ref = SentenceHeads(12, 10, mlp_hidden=16, out_dim=8)
+    half = SentenceHeads(12, 10, mlp_hidden=16, out_dim=8)
+    half.load_state_dict(ref.state_dict())
+    for p in half.parameters():  # what deepspeed.initialize does with bf16/fp16 enabled
+        p.data = p.data.to(dtype)
+    ref.train(training), half.train(training)
+    s, t = torch.randn(6, 12), torch.randn(6, 10)
+    z_ref, zt_ref = ref(s, t)
+    z, zt = half(s.to(dtype), t.to(torch.float16))
+    assert z.dtype == dtype and zt.dtype == dtype
+    torch.testing.assert_close(z.float(), z_ref, atol=0.05, rtol=0.05)
+    torch.testing.assert_close(zt.float(), zt_ref, atol=0.05, rtol=0.05)
+    z.float().pow(2).sum().backward()
+    grads = [p.grad for p in half.g.parameters()]
+    assert all(g is not None and g.dtype == dtype and torch.isfinite(g).all() for g in grads)
+    bn_ref, bn = ref.g.net[1], half.g.net[1]
+    assert bn.running_mean.dtype == torch.float32
+    torch.testing.assert_close(bn.running_mean, bn_ref.running_mean, atol=0.02, rtol=0.02)
+    assert int(bn.num_batches_tracked) == int(bn_ref.num_batches_tracked) == int(training)
+
+
 @pytest.mark.parametrize("make", [lambda: SentenceHeads(12, 10, mlp_hidden=16, out_dim=8),
                                   lambda: StructureHeads(12, 10, mlp_hidden=16, out_dim=8)])
 def test_heads_are_projector_predictor_and_frozen_projector(make):

@@ -13,12 +13,44 @@ similarities are nearly flat. ``head_bias=True, final_bn=False`` gives the proje
 heads, kept for comparison.
 
 BatchNorm1d in training mode needs at least two rows (torch raises on a batch of one).
+
+Under a bf16 or fp16 DeepSpeed engine the parameters become bf16/fp16 but buffers stay fp32,
+and torch's batch_norm refuses half-precision weights with fp32 running statistics: the
+BatchNorm layers here (:class:`FP32BatchNorm1d`) normalise in fp32 and return the input's dtype.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+
+class FP32BatchNorm1d(nn.BatchNorm1d):
+    """``BatchNorm1d`` computed in fp32 whatever the input's and the parameters' dtypes.
+
+    Same parameters, buffers and state-dict keys as ``nn.BatchNorm1d``. The running statistics
+    stay fp32 buffers (DeepSpeed converts parameters, not buffers, to bf16/fp16), and the batch
+    statistics of a half-precision batch are computed in fp32. ``[B, C] -> [B, C]``, input dtype.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32 and (self.weight is None or self.weight.dtype == torch.float32):
+            return super().forward(x)
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.momentum is None:
+            momentum = 1.0 / float(self.num_batches_tracked)
+        use_batch_stats = self.training or self.running_mean is None
+        out = nn.functional.batch_norm(
+            x.float(),
+            self.running_mean if not self.training or self.track_running_stats else None,
+            self.running_var if not self.training or self.track_running_stats else None,
+            None if self.weight is None else self.weight.float(),
+            None if self.bias is None else self.bias.float(),
+            use_batch_stats, momentum, self.eps,
+        )
+        return out.to(x.dtype)
 
 
 class MLPHead(nn.Module):
@@ -34,12 +66,12 @@ class MLPHead(nn.Module):
         super().__init__()
         layers: list[nn.Module] = [
             nn.Linear(in_dim, hidden_dim, bias=bias),
-            nn.BatchNorm1d(hidden_dim),
+            FP32BatchNorm1d(hidden_dim),
             nn.ReLU(inplace=True),
             nn.Linear(hidden_dim, out_dim, bias=bias),
         ]
         if final_bn:
-            layers.append(nn.BatchNorm1d(out_dim, affine=False))
+            layers.append(FP32BatchNorm1d(out_dim, affine=False))
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
