@@ -2,7 +2,7 @@
 # One prepared GPU check, sized for a 15-minute device lease (at most ~8 minutes of commands).
 #
 # Run from the repository root on a bare GPU machine that has torch and triton but no network
-# and no deepspeed, with the wheels made by ../shared/tools/gpu-wheels.sh carried in .whl/ and
+# and no deepspeed, with the wheels made by benchmarks/gpu_wheels.sh carried in .whl/ and
 # the demo's teacher shards in runs/demo/shards (both gitignored: carry them explicitly):
 #
 #     OUT=/some/dir bash benchmarks/gpu_check.sh
