@@ -173,6 +173,10 @@ def test_train_resume_and_export(setup, tmp_path, stage):
     assert torch.equal(encoder.state_dict()[key.removeprefix("bert.")], mlm.state_dict()[key])
     enc = tokenizer("Habari ya asubuhi", return_tensors="pt")
     assert mlm(**enc).logits.shape[-1] == len(tokenizer)
+    # Every checkpoint records the command that trained it; the model card names it.
+    state = json.loads((full / "checkpoints" / "step00000006" / "mmkd_state.json").read_text())
+    assert "launchers/distill.py" in state["command"] and "--num_gpus 2" in state["command"], state["command"]
+    assert f"Trained with: `{state['command']}`" in (full / "student" / "README.md").read_text()
 
     # `kill <pid of deepspeed>` once training has begun: the runner dies alone (it forwards no
     # signal), and its ranks, which watch it, save the step they are at and exit; none is left.

@@ -4,15 +4,15 @@ Each resume goes through DeepSpeed's universal checkpoint (ds_to_universal, load
 and keeps the global batch (grad_accum 1 -> 2 -> 1); the per-step losses match an
 uninterrupted 2-rank run, which needs the model, Adam moments, lr position and data to be
 restored: each step reads the same samples (lanes, shards/plan.py) and the student has no
-dropout (the per-rank dropout streams cannot follow a change of ranks). The stream states
-the runs saved account for every sample of the epoch exactly once.
+dropout (the per-rank dropout streams cannot follow a change of ranks). The sample keys the
+ranks logged (train.log_sample_keys) hold every sample of the epoch exactly once, each step the
+same ones as the uninterrupted run.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from collections import Counter
 
 import pytest
 
@@ -34,7 +34,7 @@ def no_dropout_student(setup, tmp_path_factory):  # noqa: F811
 
 def test_resume_on_one_rank_then_on_two_with_zero3(setup, no_dropout_student, tmp_path):  # noqa: F811
     common = [f"--student.name={no_dropout_student}", "--train.eval_every=0", "--train.save_every=0",
-              "--train.export=false", "--train.steps=6"]
+              "--train.export=false", "--train.steps=6", "--train.log_sample_keys=true"]
     full = tmp_path / "full"
     ok(launch(setup, full, *common))
     reference = losses_by_step(full)
@@ -42,12 +42,12 @@ def test_resume_on_one_rank_then_on_two_with_zero3(setup, no_dropout_student, tm
 
     run = tmp_path / "elastic"
     ok(launch(setup, run, *common, "--train.stop_at=2"))
-    states = [json.loads((run / "checkpoints" / "step00000002" / "mmkd_state.json").read_text())]
+    assert json.loads((run / "checkpoints" / "step00000002" / "mmkd_state.json").read_text())["world_size"] == 2
     out = ok(launch(setup, run, *common, "--resume", "--train.stop_at=4", gpus=1))
     assert ("resume on another layout: world size 2 -> 1, grad_accum 1 -> 2 (the global batch kept), "
             "ZeRO stage 2 -> 2, converted to DeepSpeed's universal checkpoint at") in out, out[-3000:]
     assert (run / "checkpoints" / "step00000002_universal" / "zero" / "optimizer_state.pt").is_file()
-    states.append(json.loads((run / "checkpoints" / "step00000004" / "mmkd_state.json").read_text()))
+    assert json.loads((run / "checkpoints" / "step00000004" / "mmkd_state.json").read_text())["world_size"] == 1
     out = ok(launch(setup, run, *common, "--resume", stage=3))
     assert ("world size 1 -> 2, grad_accum 2 -> 1 (the global batch kept), ZeRO stage 2 -> 3, "
             "converted to DeepSpeed's universal checkpoint at") in out, out[-3000:]
@@ -67,27 +67,16 @@ def test_resume_on_one_rank_then_on_two_with_zero3(setup, no_dropout_student, tm
             assert resumed[step][name] == pytest.approx(value, rel=rel, abs=1e-6), (step, name)
         assert resumed[step]["loss/total"] == pytest.approx(reference[step]["loss/total"], rel=1e-3)
 
-    # The epoch's samples (48 = 6 steps x 8): every one read once across the three layouts.
-    seen = Counter()
-    for state, (world, accum, start, end) in zip([None, *states], [(2, 1, 0, 2), (1, 2, 2, 4), (2, 1, 4, 6)]):
-        seen.update(samples_read(setup, state, world, accum, end - start))
-    assert sum(seen.values()) == 48 and len(seen) == 48
+    # The epoch's samples (48 = 6 steps x 8), as the ranks logged what they trained on: across
+    # the three layouts every one once, and every step the same samples as the uninterrupted run.
+    from mmkd_ds.training.sample_log import read_sample_keys
 
-
-def samples_read(setup, state, world: int, accum: int, steps: int) -> list[int]:
-    """The samples ``steps`` optimizer steps read on ``world`` ranks after resuming ``state``
-    (None: from the start), from the stream state the run saved, through the loader's rule."""
-    from mmkd_ds.config import load_config
-    from mmkd_ds.distributed import ProcessPlace
-    from mmkd_ds.shards.stream import build_loader
-
-    cfg = load_config(setup.config)
-    out = []
-    for rank in range(world):
-        loader = build_loader(cfg.stream, None, ProcessPlace(rank, world, rank), cfg.precompute.out_dir, grad_accum=accum)
-        if state is not None:
-            loader.load_state_dict(state["stream"])
-        plan = loader.stream.plan(loader.epoch, loader.ranges)
-        for j in range(loader.position, loader.position + steps * accum):
-            out += [index for _, index in plan.batch(j)]
-    return out
+    seen, expected = read_sample_keys(run), read_sample_keys(full)
+    assert sorted(seen) == sorted(expected) == [1, 2, 3, 4, 5, 6]
+    keys = [k for step in sorted(seen) for k in seen[step]]
+    assert len(keys) == 48 and len(set(keys)) == 48
+    assert set(keys) == {k for step in expected for k in expected[step]}
+    for step in seen:
+        assert sorted(seen[step]) == sorted(expected[step]), step
+    # The per-rank files: ranks 0-1 for steps 1-2 and 5-6, rank 0 alone (2 micro-batches) for 3-4.
+    assert (run / "sample_keys" / "rank1.jsonl").is_file()

@@ -361,8 +361,13 @@ class TrainConfig:
     keep_checkpoints: int = 3
     # Non-finite losses: a step with one is skipped and counted; this many in a row abort.
     max_bad_steps: int = 5
-    # Resuming a run with another world size, batch size or corpus is refused unless true.
+    # Resuming with another global batch that no grad_accum keeps, another corpus, shard set or
+    # stream seed is refused unless true (another world size or ZeRO stage is always allowed).
     allow_resume_changes: bool = False
+    # Record which samples every optimizer step trained on: out_dir/sample_keys/rank<R>.jsonl, one
+    # line per micro-batch ({"step", "keys"}), rewound on resume like metrics.jsonl. For audits of
+    # the data order (e.g. across resumes on other world sizes); off by default.
+    log_sample_keys: bool = False
     # Export the student as a Hugging Face directory at the end (out_dir/student).
     export: bool = True
 

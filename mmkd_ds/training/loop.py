@@ -35,7 +35,13 @@ from mmkd_ds.training.checkpoint import (
 )
 from mmkd_ds.training.data import build_train_loader, teacher_hidden_size
 from mmkd_ds.training.ds_config import build_ds_config
-from mmkd_ds.training.elastic import ElasticResume, plan_elastic_resume, restore_group_settings, restore_module_extras
+from mmkd_ds.training.elastic import (
+    ElasticResume,
+    group_settings,
+    plan_elastic_resume,
+    restore_group_settings,
+    restore_module_extras,
+)
 from mmkd_ds.training.metrics import MetricsLogger, memory_scalars
 from mmkd_ds.training.optim import (
     Schedule,
@@ -47,6 +53,7 @@ from mmkd_ds.training.optim import (
     resume_schedule,
 )
 from mmkd_ds.training.preemption import PreemptionFlag
+from mmkd_ds.training.sample_log import SampleKeyLog
 
 log = logging.getLogger("mmkd_ds.train")
 
@@ -268,6 +275,7 @@ def train(cfg: RunConfig, ds_config_path: str | None, resume: bool = False) -> T
 
     # Resume: engine state, RNG, data position; refuse silent changes of what is computed.
     step, skipped_total = 0, 0
+    sample_log = SampleKeyLog(out_dir, place.rank, cfg.train.log_sample_keys)
     if resume and latest_tag(ckpt_dir):
         saved = read_run_state(ckpt_dir)
         check_resume(saved, place.world_size, loader.state_dict(), cfg.train.allow_resume_changes)
@@ -276,7 +284,7 @@ def train(cfg: RunConfig, ds_config_path: str | None, resume: bool = False) -> T
         schedule, schedule_note = resume_schedule(saved.get("schedule"), schedule, lr_step,
                                                   cfg.train.allow_resume_changes)
         universal = elastic.convert(ckpt_dir, place.rank) if elastic and elastic.uses_universal else None
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
+        groups = group_settings(engine)  # as built: a universal load overwrites them
         state = load_checkpoint(engine, ckpt_dir, place.rank, universal, cfg.train.seed)
         if universal is not None:  # what DeepSpeed's universal loading leaves out (elastic.py)
             restore_group_settings(engine, groups)
@@ -286,6 +294,11 @@ def train(cfg: RunConfig, ds_config_path: str | None, resume: bool = False) -> T
         stream_note = loader.load_state_dict(state["stream"], allow_changes=True)  # checked above
         step, skipped_total = int(state["step"]), int(state.get("skipped", 0))
         dropped = metrics.rewind(step)  # what the interrupted run logged after its last checkpoint
+        if sample_log.enabled:
+            if place.is_main:
+                sample_log.rewind(step)
+            if torch.distributed.is_initialized():
+                torch.distributed.barrier()  # rewound before any rank appends
         if elastic:
             step = elastic.step  # in samples, when the global batch changed
         if place.is_main:
@@ -302,6 +315,11 @@ def train(cfg: RunConfig, ds_config_path: str | None, resume: bool = False) -> T
 
     saved_once = False
 
+    # Recorded in every checkpoint, so that an export of any of them (mmkd-export) can name it.
+    from mmkd_ds.training.model_card import training_command
+
+    command = training_command()
+
     def checkpoint() -> str:
         nonlocal saved_once
         first = place.is_main and not saved_once  # the first save may take long: say so
@@ -311,7 +329,7 @@ def train(cfg: RunConfig, ds_config_path: str | None, resume: bool = False) -> T
         client = {"step": step, "stream": loader.state_dict(), "config": config_fingerprint(cfg),
                   "config_hash": config_hash(cfg), "settings": run_settings(cfg), "schedule": schedule.record(),
                   "lr_step": engine.lr_scheduler.last_epoch, "world_size": place.world_size,
-                  "zero_stage": engine.zero_optimization_stage(), "skipped": skipped_total}
+                  "zero_stage": engine.zero_optimization_stage(), "skipped": skipped_total, "command": command}
         tag = save_checkpoint(engine, ckpt_dir, step, client, place.rank)
         if first:
             tqdm.write(f"step {step}: checkpoint {tag} saved in {time.perf_counter() - save_started:.1f} s")
@@ -366,6 +384,7 @@ def train(cfg: RunConfig, ds_config_path: str | None, resume: bool = False) -> T
             engine.backward(losses["total"])
             engine.step()
             micro += 1
+            sample_log.write(step + 1, batch["keys"])
             for k, v in losses.items():
                 sums[k] += v.detach().float()
             window["samples"] += len(batch["langs"])
@@ -430,11 +449,11 @@ def train(cfg: RunConfig, ds_config_path: str | None, resume: bool = False) -> T
         torch.distributed.barrier()
         if place.is_main:
             from mmkd_ds.training.export import export_student
-            from mmkd_ds.training.model_card import export_finisher, training_command
+            from mmkd_ds.training.model_card import export_finisher
 
             revision = None if Path(cfg.student.name).exists() else cfg.student.revision
             # Also the sentence-transformers files ([CLS] pooling) and the model card (README.md).
-            finish = export_finisher(ckpt_dir, last_tag, "cls", out_dir, training_command())
+            finish = export_finisher(ckpt_dir, last_tag, "cls", out_dir, command)
             export_dir = export_student(ckpt_dir, last_tag, cfg.student.name, tokenizer, out_dir / "student", revision,
                                         finish=finish)
         torch.distributed.barrier()
