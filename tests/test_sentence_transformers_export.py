@@ -86,21 +86,68 @@ def test_retrieval_from_sentence_transformer_equals_mmkd_eval(exports, pooling, 
 
 
 def test_auto_model_still_loads_the_export(exports):
-    """The sentence-transformers files change nothing for transformers: nothing missing; the only
-    keys reported are the unused MLM head's (transformers 5 lists them for any masked-LM checkpoint
-    loaded as a bare encoder, e.g. bert-base-multilingual-cased itself)."""
-    from transformers import AutoModel, AutoModelForMaskedLM
+    """The sentence-transformers files change nothing for transformers: ``AutoModel`` finds the
+    encoder with its pooler, nothing missing and nothing unused; the masked-LM loader of the
+    project finds the head beside it."""
+    from transformers import AutoModel
+
+    from mmkd_ds.mlm_head import load_masked_lm
 
     out = exports["cls"]
     for name in ("modules.json", "sentence_bert_config.json", "1_Pooling/config.json",
-                 "config_sentence_transformers.json", "README.md"):
+                 "config_sentence_transformers.json", "README.md", "mlm_head.safetensors"):
         assert (out / name).is_file(), name
     with LoadReport() as report:
         encoder, info = AutoModel.from_pretrained(out, output_loading_info=True)
-    assert not info["missing_keys"] and "MISSING" not in report.text() and "newly initialized" not in report.text()
-    assert {k.split(".")[0] for k in info["unexpected_keys"]} <= {"cls"}, info
-    with LoadReport() as report:
-        _, mlm_info = AutoModelForMaskedLM.from_pretrained(out, output_loading_info=True)
-    assert not mlm_info["missing_keys"] and "MISSING" not in report.text()
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert "LOAD REPORT" not in report.text() and "newly initialized" not in report.text(), report.text()
+    _, mlm_info = load_masked_lm(out)
+    assert not mlm_info["missing_keys"], mlm_info
+    card = (out / "README.md").read_text()
+    assert "mlm_head.safetensors" in card and "or AutoModelForMaskedLM" not in card
     config = json.loads((out / "sentence_bert_config.json").read_text())
     assert config == {"max_seq_length": 128, "do_lower_case": False}
+
+
+LOADS = """
+import sys
+from transformers import AutoModel
+from sentence_transformers import SentenceTransformer
+from mmkd_ds.mlm_head import load_masked_lm
+
+out, init = sys.argv[1:]
+for name, load in (("AutoModel", lambda: AutoModel.from_pretrained(out)),
+                   ("SentenceTransformer", lambda: SentenceTransformer(out, device="cpu")),
+                   ("load_masked_lm", lambda: load_masked_lm(out)),
+                   ("control", lambda: AutoModel.from_pretrained(init))):
+    print(f"=== {name}", flush=True)
+    print(f"=== {name}", file=sys.stderr, flush=True)
+    load()
+"""
+
+
+def test_loads_print_no_load_report(exports):
+    """What a user's terminal shows: a fresh process (transformers' logging as it starts, at its
+    default level) loads the export with AutoModel, SentenceTransformer and the project's
+    masked-LM loader; neither stdout nor stderr holds a load report. The control, the initial
+    masked-LM loaded with AutoModel, shows that such a report would be seen."""
+    import os
+    import subprocess
+    import sys
+
+    out = exports["cls"]
+    env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY",)}
+    done = subprocess.run([sys.executable, "-c", LOADS, str(out), str(out.parent / "init")], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    def sections(text: str) -> dict[str, str]:
+        parts = text.split("=== ")[1:]
+        return {p.split("\n", 1)[0]: p.split("\n", 1)[1] if "\n" in p else "" for p in parts}
+
+    stdout, stderr = sections(done.stdout), sections(done.stderr)
+    words = ("LOAD REPORT", "UNEXPECTED", "MISSING", "newly initialized", "not used", "not initialized")
+    for name in ("AutoModel", "SentenceTransformer", "load_masked_lm"):
+        text = stdout[name] + stderr[name]
+        assert not [w for w in words if w in text], f"{name}: {text}"
+    assert "LOAD REPORT" in stdout["control"] + stderr["control"]

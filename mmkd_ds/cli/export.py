@@ -39,7 +39,9 @@ The initial student (config, pooler, tokenizer) is student.name of the checkpoin
 --config FILE or --student.name=DIR override it (relative paths are as the training saw them).
 
 Outputs, in --out DIR (replaced if it is an earlier export):
-  config.json, model.safetensors, tokenizer files   AutoModel / AutoModelForMaskedLM load it
+  config.json, model.safetensors, tokenizer files   the encoder with its pooler: AutoModel loads it
+  mlm_head.safetensors    the trained MLM head; student.name: DIR (and mmkd_ds.mlm_head.load_masked_lm)
+                          load the masked-LM with it
   modules.json, sentence_bert_config.json, 1_Pooling/, config_sentence_transformers.json
                           (--format sentence-transformers) SentenceTransformer(DIR) loads it, with
                           the pooling of mmkd-eval --pooling (default [CLS]), 128 tokens at most

@@ -128,9 +128,10 @@ def fresh_student(pairs, args, out: Path) -> dict:
 def from_pretrained(source: str, translations: list[str], extend: int, out: Path) -> dict:
     """A pretrained encoder as a masked-LM (fresh tied MLM head if it has none), optionally with
     WordPiece tokens learned on ``translations`` added to its vocabulary."""
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from mmkd_ds.mlm_head import load_masked_lm
     from mmkd_ds.model_source import check_model_source, explained_load
     from mmkd_ds.vocab_extension import extend_tokenizer, init_new_embeddings, learn_tokens
 
@@ -141,7 +142,7 @@ def from_pretrained(source: str, translations: list[str], extend: int, out: Path
     try:
         with explained_load("--from", source):
             tokenizer = AutoTokenizer.from_pretrained(path)
-            model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
+            model, info = load_masked_lm(path)  # an export's trained head from mlm_head.safetensors
     finally:
         hf_logging.set_verbosity(verbosity)
     head_prefixes = ("cls.", "lm_head.")

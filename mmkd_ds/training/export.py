@@ -1,11 +1,28 @@
 """Export the student as a Hugging Face directory from a checkpoint of any ZeRO stage.
 
 The fp32 weights are consolidated from the sharded optimizer state with DeepSpeed's
-zero_to_fp32 (stage 3 partitions gathered), loaded into a fresh model of the student's config
-and written with ``save_pretrained``, with the tokenizer, through a temporary directory.
+zero_to_fp32 (stage 3 partitions gathered), loaded into a fresh masked-LM of the student's
+config, split into its encoder and its MLM head, and written with the tokenizer through a
+temporary directory.
 
-What the directory holds beyond the trained masked-LM, so that the usual loaders find what they
-expect:
+What is where, so that the usual loaders find what they expect and report nothing:
+
+- ``config.json`` + ``model.safetensors``: the encoder with a pooler, saved as the config's
+  ``AutoModel`` saves itself (``BertModel``: keys ``embeddings.*``, ``encoder.*``, ``pooler.*``;
+  ``architectures: ["BertModel"]``). ``AutoModel.from_pretrained(DIR)`` and
+  ``SentenceTransformer(DIR)`` load it with nothing missing or unused (a masked-LM save would
+  leave its head "UNEXPECTED" in transformers 5's load report on every load: ``BertModel`` has
+  no ignore list for ``cls.*``, and no config field changes that).
+- ``mlm_head.safetensors``: the trained MLM head, keyed as in the masked-LM (BERT:
+  ``cls.predictions.transform.*`` and ``cls.predictions.bias``, 0.7M numbers (2.8 MB) for
+  bert-base-multilingual-cased); the decoder is tied to the input embeddings and not stored.
+  :func:`mmkd_ds.mlm_head.load_masked_lm` (which training's ``student.name`` and
+  ``mmkd-init-student --from`` use) loads ``AutoModelForMaskedLM`` and restores it; a plain
+  ``AutoModelForMaskedLM.from_pretrained(DIR)`` gets a newly initialised head and says so.
+  A masked-LM that does not split so (its base model, under ``base_model_prefix``, plus the
+  pooler is not exactly what ``AutoModel`` builds) is written whole, as before, with a warning.
+
+What the directory holds beyond the trained weights:
 
 - **the pooler.** ``AutoModel`` builds BERT-like encoders with a pooler (a dense layer and tanh
   over [CLS]); transformers has no config field that says "no pooler" (``add_pooling_layer`` is
@@ -26,6 +43,7 @@ expect:
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -33,10 +51,14 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
+from mmkd_ds.mlm_head import HEAD_FILE, MaskedLMSplit, save_mlm_head, split_masked_lm
 from mmkd_ds.model_source import resolve_model_path
+
+log = logging.getLogger(__name__)
 
 PREFIX = "student."
 POOLER_NOTE_KEY = "mmkd_pooler"
+HEAD_NOTE_KEY = "mmkd_mlm_head"
 _LOAD_TIME_KEYS = ("is_local", "local_files_only")
 
 
@@ -115,6 +137,21 @@ def pooler_for_export(config, source: str, revision: str | None = None, name: st
     return {}, ""
 
 
+def encoder_for_export(config, split: MaskedLMSplit, pooler: dict[str, torch.Tensor]):
+    """The config's ``AutoModel`` (``BertModel``) holding the masked-LM's base-model weights and
+    ``pooler``, or None when its weights are not exactly those (other names or shapes: the
+    architecture's base model is not what ``AutoModel`` builds, or its pooler is not one
+    :func:`pooler_for_export` can supply)."""
+    weights = {**split.encoder, **pooler}
+    with torch.device("meta"):  # names and shapes only
+        expected = {k: v.shape for k, v in AutoModel.from_config(config).state_dict().items()}
+    if expected.keys() != weights.keys() or any(expected[k] != v.shape for k, v in weights.items()):
+        return None
+    encoder = AutoModel.from_config(config)
+    encoder.load_state_dict(weights, strict=True)
+    return encoder
+
+
 def portable_tokenizer_config(tokenizer_dir: Path, tokenizer) -> str | None:
     """Rewrite ``tokenizer_config.json`` in ``tokenizer_dir`` so that transformers 4.x and 5.x
     both load it (see the module docstring), without the keys that only record how this machine
@@ -146,8 +183,11 @@ def portable_tokenizer_config(tokenizer_dir: Path, tokenizer) -> str | None:
 
 def export_student(ckpt_dir: Path, tag: str, student_name: str, tokenizer, out_dir: Path,
                    revision: str | None = None, finish: Callable[[Path], None] | None = None) -> Path:
-    """Write ``out_dir`` (config, weights with a pooler, tokenizer); loadable by
-    AutoModelForMaskedLM and AutoModel with transformers 4.x and 5.x.
+    """Write ``out_dir``: ``config.json`` and ``model.safetensors`` (the encoder with a pooler,
+    as ``AutoModel`` saves it), ``mlm_head.safetensors`` (the MLM head; see the module
+    docstring) and the tokenizer files; ``AutoModel`` loads it without a load report, and
+    :func:`mmkd_ds.mlm_head.load_masked_lm` as the masked-LM with its trained head, with
+    transformers 4.x and 5.x. An architecture that does not split is written as one masked-LM.
 
     ``student_name``: the initial student as ``student.name`` gives it (a directory, a packaged
     model or a cached hub name; ``revision`` for the latter): its config, and its pooler when its
@@ -170,14 +210,27 @@ def export_student(ckpt_dir: Path, tag: str, student_name: str, tokenizer, out_d
         raise RuntimeError(f"export: checkpoint does not fit the student config (missing {missing[:5]}, unexpected {unexpected[:5]})")
     model.tie_weights()
     pooler, note = pooler_for_export(config, source, revision, name=student_name)
-    weights = dict(model.state_dict())
-    weights.update({f"{model.base_model_prefix}.{k}": v for k, v in pooler.items()})
-    if note:
-        setattr(model.config, POOLER_NOTE_KEY, note)
+    split = split_masked_lm(model)
+    encoder = encoder_for_export(config, split, pooler) if split is not None else None
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=weights)
+    if encoder is not None:
+        for key, value in ((POOLER_NOTE_KEY, note), (HEAD_NOTE_KEY, f"{HEAD_FILE}: {type(model).__name__}'s "
+                           f"weights outside {split.prefix}; mmkd_ds.mlm_head.load_masked_lm(DIR) restores them")):
+            if value:
+                setattr(encoder.config, key, value)
+        encoder.save_pretrained(tmp)
+        save_mlm_head(split, tmp, type(model).__name__)
+    else:  # today's layout for an architecture whose masked-LM does not split into AutoModel + head
+        log.warning("export: %s does not split into the AutoModel of model_type %r and a head; writing the "
+                    "whole masked-LM (AutoModel will report its head as unused)", type(model).__name__,
+                    config.model_type)
+        weights = dict(model.state_dict())
+        weights.update({f"{model.base_model_prefix}.{k}": v for k, v in pooler.items()})
+        if note:
+            setattr(model.config, POOLER_NOTE_KEY, note)
+        model.save_pretrained(tmp, state_dict=weights)
     tokenizer.save_pretrained(tmp)
     portable_tokenizer_config(tmp, tokenizer)
     if finish is not None:

@@ -61,6 +61,7 @@ class CardFacts:
     training_command: str | None = None
     export_command: str | None = None
     pooling: str | None = None  # the sentence-transformers pooling, None: no such files
+    mlm_head: bool = False  # the MLM head is in mlm_head.safetensors (export.py), not in model.safetensors
     exported_at: str = ""
     unknown: list[str] = field(default_factory=list)
 
@@ -244,8 +245,15 @@ def render_card(facts: CardFacts) -> str:
                   'model = SentenceTransformer("path/to/this/directory")',
                   'embeddings = model.encode(["Habari ya asubuhi", "Good morning"])', "```", ""]
     lines += ["```python", "from transformers import AutoModel, AutoTokenizer", "",
-              'model = AutoModel.from_pretrained("path/to/this/directory")  # or AutoModelForMaskedLM',
+              'model = AutoModel.from_pretrained("path/to/this/directory")'
+              + ("" if facts.mlm_head else "  # or AutoModelForMaskedLM"),
               'tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")', "```"]
+    if facts.mlm_head:
+        lines += ["", "The masked-LM head (to continue distilling, or for fill-mask) is in "
+                      "`mlm_head.safetensors`, beside the encoder; with mmkd-ds installed, "
+                      '`mmkd_ds.mlm_head.load_masked_lm("path/to/this/directory")` returns '
+                      "`(AutoModelForMaskedLM with that head, loading info)`, and "
+                      "`student.name: path/to/this/directory` trains on from it."]
 
     lines += ["", "## How it was made", ""]
     lines += [f"Trained with: `{facts.training_command}`" if facts.training_command
@@ -303,6 +311,9 @@ def export_finisher(ckpt_dir: Path, tag: str, pooling: str | None = "cls", run_d
     facts.pooling = pooling
 
     def finish(directory: Path) -> None:
+        from mmkd_ds.mlm_head import HEAD_FILE
+
+        facts.mlm_head = (Path(directory) / HEAD_FILE).is_file()
         if pooling is not None:
             from mmkd_ds.training.st_export import write_sentence_transformers_files
 

@@ -5,7 +5,8 @@ sentence-transformers release reads, 2.x to 6.x (the layout of the hub's
 ``sentence-transformers/*`` models): ``modules.json`` (the encoder at the root, then a pooling
 module), ``sentence_bert_config.json`` (``max_seq_length``), ``1_Pooling/config.json`` and
 ``config_sentence_transformers.json`` (cosine similarity). The Hugging Face files stay as they
-are: ``AutoModel`` and ``AutoModelForMaskedLM`` load the directory as before.
+are: ``AutoModel`` loads the directory as before (the encoder at its root is what the
+``Transformer`` module loads, with nothing unused or missing).
 
 The pooling and the length limit are those of ``mmkd-eval --task retrieval``
 (:func:`mmkd_ds.evaluation.retrieval.embed_sentences`): [CLS] is the last layer's first
