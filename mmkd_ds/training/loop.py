@@ -86,9 +86,10 @@ class TrainResult:
 
 
 def build_student(cfg: RunConfig):
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from mmkd_ds.mlm_head import load_masked_lm
     from mmkd_ds.model_source import check_model_source, explained_load
 
     hf_logging.disable_progress_bar()
@@ -106,7 +107,7 @@ def build_student(cfg: RunConfig):
     hf_logging.set_verbosity_error()
     try:
         with explained_load("student.name", cfg.student.name):
-            student, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True, **kwargs)
+            student, info = load_masked_lm(path, **kwargs)  # an export's head from mlm_head.safetensors
     finally:
         hf_logging.set_verbosity(verbosity)
     odd = sorted({*info.get("missing_keys", ()),
