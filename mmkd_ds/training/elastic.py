@@ -286,7 +286,9 @@ class ElasticResume:
             parts.append(f"{'converted to' if getattr(self, 'converted_now', False) else 'loaded'} "
                          f"DeepSpeed's universal checkpoint at {self.universal}")
         if self.step != self.saved_step:
-            parts.append(f"step {self.saved_step} -> {self.step} (the same samples seen)")
+            seen, now = self.saved_step * self.batch.saved_global_batch, self.step * self.batch.global_batch
+            parts.append(f"step {self.saved_step} -> {self.step} ({seen} samples seen; the schedule continues "
+                         f"from sample {now}, the nearest step of the new batch)")
         return "resume on another layout: " + ", ".join(parts)
 
 
