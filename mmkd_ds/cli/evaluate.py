@@ -86,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--baseline", metavar="MODEL",
                         help="retrieval: a second model to compare with (e.g. the student before distillation)")
     transfer = parser.add_argument_group("xnli / pawsx / xquad")
-    transfer.add_argument("--languages", default="", help="comma-separated test languages, English included (required)")
+    transfer.add_argument("--languages", default="",
+                          help="comma-separated test languages, English included (required); with "
+                               "--task retrieval --bitext: the language codes to keep (default: all)")
     transfer.add_argument("--data-dir", metavar="DIR", help="local data in the hub schema, for offline clusters")
     transfer.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs over the English training data")
     transfer.add_argument("--lr", type=float, default=None, help="default 2e-5 (classification), 3e-5 (QA)")
