@@ -60,3 +60,14 @@ def print_config(prog: str, config: str | None, overrides: list[str]) -> int:
               "Every key can be set in the YAML file or on the command line as --section.key=value."]
     sys.stdout.write(config_yaml(cfg, header))
     return 0
+
+
+def require_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, *flags: str) -> None:
+    """Exit 2 naming the ``flags`` left empty, as argparse does for required options.
+
+    Checked after ``--print-config`` has had its turn, which needs none of them (so they cannot
+    be declared ``required=True``).
+    """
+    missing = [flag for flag in flags if not getattr(args, flag.lstrip("-").replace("-", "_"))]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")

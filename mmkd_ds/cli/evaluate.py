@@ -29,7 +29,13 @@ import sys
 import traceback
 from pathlib import Path
 
-from mmkd_ds.cli.arguments import HelpFormatter, add_config_arguments, config_epilog, print_config
+from mmkd_ds.cli.arguments import (
+    HelpFormatter,
+    add_config_arguments,
+    config_epilog,
+    print_config,
+    require_arguments,
+)
 
 TASKS = ("retrieval", "xnli", "pawsx", "xquad")
 
@@ -111,9 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     if args.print_config:
         return print_config("mmkd-eval", args.config, overrides)
-    missing = [flag for flag, value in (("--task", args.task), ("--model", args.model)) if not value]
-    if missing:
-        parser.error(f"the following arguments are required: {', '.join(missing)}")
+    require_arguments(parser, args, "--task", "--model")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per model says nothing here

@@ -18,7 +18,13 @@ import sys
 import traceback
 from pathlib import Path
 
-from mmkd_ds.cli.arguments import HelpFormatter, add_config_arguments, config_epilog, print_config
+from mmkd_ds.cli.arguments import (
+    HelpFormatter,
+    add_config_arguments,
+    config_epilog,
+    print_config,
+    require_arguments,
+)
 
 FORMATS = ("sentence-transformers", "hf")
 STATE_FILE = "mmkd_state.json"  # as training/checkpoint.py writes it
@@ -146,9 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     if args.print_config:
         return print_config("mmkd-export", args.config, overrides)
-    missing = [flag for flag, value in (("--checkpoint", args.checkpoint), ("--out", args.out)) if not value]
-    if missing:
-        parser.error(f"the following arguments are required: {', '.join(missing)}")
+    require_arguments(parser, args, "--checkpoint", "--out")
     unknown = [o for o in overrides if not o.startswith("--student.")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)} (only --student.* settings apply here)")

@@ -19,7 +19,13 @@ import json
 import sys
 from pathlib import Path
 
-from mmkd_ds.cli.arguments import HelpFormatter, add_config_arguments, config_epilog, print_config
+from mmkd_ds.cli.arguments import (
+    HelpFormatter,
+    add_config_arguments,
+    config_epilog,
+    print_config,
+    require_arguments,
+)
 
 DESCRIPTION = """\
 Make the student a distillation starts from, as a Hugging Face masked-LM directory.
@@ -72,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     if args.print_config:
         return print_config("mmkd-init-student", args.config, overrides)
-    if not args.out:
-        parser.error("the following arguments are required: --out")
+    require_arguments(parser, args, "--out")
     if args.extend_vocab and not args.source:
         parser.error("--extend-vocab needs --from")
     if args.extend_vocab < 0:
