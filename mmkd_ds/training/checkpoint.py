@@ -173,6 +173,17 @@ def check_resume(state: dict, world_size: int, stream_state: dict, allow_changes
             )
 
 
+def zero_stage_from_files(tag_dir: Path) -> str:
+    """"0", "1 or 2" or "3" ("unknown" if none matches): the ZeRO stage a DeepSpeed checkpoint
+    was written with, from the file names each stage writes (for checkpoints that do not record
+    ``zero_stage`` in their state)."""
+    if any(tag_dir.glob("zero_pp_rank_*_mp_rank_*_model_states.pt")):
+        return "3"
+    if any(tag_dir.glob("zero_pp_rank_*_optim_states.pt")):
+        return "1 or 2"
+    return "0" if (tag_dir / "mp_rank_00_model_states.pt").is_file() else "unknown"
+
+
 def latest_tag(ckpt_dir: Path) -> str | None:
     latest = ckpt_dir / "latest"
     return latest.read_text().strip() if latest.is_file() else None

@@ -238,12 +238,6 @@ def restore_group_settings(engine, settings: list[dict]) -> None:
         group.update(saved)
 
 
-def saved_zero_stage(tag_dir: Path) -> str:
-    """The ZeRO stage(s) a DeepSpeed checkpoint was written with, from its file names (for the
-    resume line of checkpoints that do not record it)."""
-    return "3" if any(tag_dir.glob("zero_pp_rank_*_model_states.pt")) else "1-2"
-
-
 # -- the decision, before anything is built ----------------------------------------------------
 
 
@@ -292,7 +286,7 @@ class ElasticResume:
         return "resume on another layout: " + ", ".join(parts)
 
 
-def zero_stage_of(ds_config: dict) -> str:
+def zero_stage_of_config(ds_config: dict) -> str:
     return str(int(ds_config.get("zero_optimization", {}).get("stage", 0)))
 
 
@@ -302,7 +296,7 @@ def plan_elastic_resume(cfg, ckpt_dir: Path, world: int, ds_config: dict) -> Ela
     batch cannot be kept and train.allow_resume_changes is not set."""
     from dataclasses import replace
 
-    from mmkd_ds.training.checkpoint import latest_tag, read_run_state
+    from mmkd_ds.training.checkpoint import latest_tag, read_run_state, zero_stage_from_files
 
     tag = latest_tag(ckpt_dir)
     if tag is None:
@@ -313,11 +307,11 @@ def plan_elastic_resume(cfg, ckpt_dir: Path, world: int, ds_config: dict) -> Ela
     settings = saved.get("settings") or saved.get("config") or {}
     saved_accum = int(stream.get("grad_accum", settings.get("train.grad_accum", cfg.train.grad_accum)))
     saved_batch = int(stream.get("batch_size", cfg.stream.batch_size))
-    stage = zero_stage_of(ds_config)
+    stage = zero_stage_of_config(ds_config)
     if "zero_stage" in saved:
         saved_stage = str(saved["zero_stage"])
     else:  # a checkpoint that does not record it: stage 3 or not, from its file names
-        family = saved_zero_stage(ckpt_dir / tag)
+        family = zero_stage_from_files(ckpt_dir / tag)
         saved_stage = stage if (family == "3") == (stage == "3") else family
     same_layout = (saved_world, saved_batch) == (world, cfg.stream.batch_size) and saved_stage == stage
     if same_layout and saved_accum == cfg.train.grad_accum:

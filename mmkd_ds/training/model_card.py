@@ -66,15 +66,6 @@ class CardFacts:
     unknown: list[str] = field(default_factory=list)
 
 
-def zero_stage_of(tag_dir: Path) -> str:
-    """"0", "1 or 2" or "3", from the file names DeepSpeed writes for each stage."""
-    if any(tag_dir.glob("zero_pp_rank_*_mp_rank_*_model_states.pt")):
-        return "3"
-    if any(tag_dir.glob("zero_pp_rank_*_optim_states.pt")):
-        return "1 or 2"
-    return "0" if (tag_dir / "mp_rank_00_model_states.pt").is_file() else "unknown"
-
-
 def _source_names(sources) -> list[str]:
     names = []
     for src in sources or []:
@@ -134,8 +125,10 @@ def card_facts(ckpt_dir: Path, tag: str, run_dir: Path | None = None, training_c
     (default: the checkpoint directory's parent, the run's ``train.out_dir``);
     ``training_command``: the command that trained it when known here (the end-of-training
     export), else the one the checkpoint recorded, if any."""
+    from mmkd_ds.training.checkpoint import zero_stage_from_files
+
     ckpt_dir, tag_dir = Path(ckpt_dir), Path(ckpt_dir) / tag
-    facts = CardFacts(checkpoint=str(tag_dir), zero_stage=zero_stage_of(tag_dir), export_command=export_command,
+    facts = CardFacts(checkpoint=str(tag_dir), zero_stage=zero_stage_from_files(tag_dir), export_command=export_command,
                       exported_at=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     try:
         state = json.loads((tag_dir / STATE_FILE).read_text(encoding="utf-8"))
