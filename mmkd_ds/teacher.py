@@ -18,6 +18,7 @@ from transformers.utils import logging as hf_logging
 from mmkd_ds.config.schema import TeacherConfig
 from mmkd_ds.kernels.word_pool import word_pool
 from mmkd_ds.model_source import check_model_source, explained_load, resolve_model_path
+from mmkd_ds.sentence_pooling import sentence_vectors
 from mmkd_ds.words import encode_words
 
 # The dtype the teacher's vectors are kept in between the forward and the shard writer: the
@@ -53,6 +54,7 @@ class Teacher:
             "hidden_size": self.hidden_size,
             "layer": self.cfg.layer,
             "pooling": self.cfg.pooling,
+            "sentence": self.cfg.sentence,
             "dtype": self.cfg.dtype,
             "max_tokens": self.cfg.max_tokens,
         }
@@ -94,7 +96,7 @@ def load_teacher(cfg: TeacherConfig, device: torch.device | str = "cpu") -> Teac
 class TeacherFeatures:
     """Per-sentence teacher outputs, on CPU in the storage dtype."""
 
-    cls: torch.Tensor  # [H]
+    cls: torch.Tensor  # [H] the sentence vector (teacher.sentence: [CLS] state or token mean)
     words: torch.Tensor  # [n_words, H]
     counts: list[int]  # teacher subwords per word (0: the tokenizer dropped the word)
     n_words: int  # words kept (truncation at the teacher's max_tokens cuts whole words)
@@ -109,16 +111,20 @@ def teacher_forward(
     n_words: int,
     layer: int = -1,
     pooling: str = "mean",
+    sentence: str = "cls",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's [CLS] [B, H] and pooled word vectors [B, W, H], in fp32.
+    """The teacher's sentence vectors [B, H] and pooled word vectors [B, W, H], in fp32.
 
     Shared by the precompute and the online-teacher training mode, so both give the same
     targets. ``word_ids`` [B, L]: word index per subword, -1 for specials and padding.
+    ``sentence``: "cls" (the [CLS] state) or "mean" (mean of the states under
+    ``attention_mask``, specials included, as sentence-transformers' mean pooling).
     """
     out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=layer != -1)
     hidden = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
     pooled, _ = word_pool(hidden.float(), word_ids, max(n_words, 1), pooling)
-    return hidden[:, 0].float(), pooled
+    return sentence_vectors(hidden.float(), attention_mask, sentence), pooled
+
 
 
 def encode_batch(teacher: Teacher, word_lists: list[list[str]]) -> list[TeacherFeatures]:
@@ -139,7 +145,8 @@ def encode_batch(teacher: Teacher, word_lists: list[list[str]]) -> list[TeacherF
         word_ids[i, :n] = torch.tensor(e.word_ids)
     device = teacher.device
     cls, pooled = teacher_forward(
-        teacher.model, input_ids.to(device), attention.to(device), word_ids.to(device), W, cfg.layer, cfg.pooling
+        teacher.model, input_ids.to(device), attention.to(device), word_ids.to(device), W, cfg.layer, cfg.pooling,
+        cfg.sentence,
     )
     dtype = storage_dtype(cfg.dtype)
     cls = cls.to("cpu", dtype)

@@ -63,3 +63,13 @@ def test_retrieval_before_and_after(tmp_path, tiny_model, capsys):
     assert table[0] == "| language | pairs | before | after | change |" and "\n".join(table) in saved
     assert saved.index("| change |") < saved.index("| xx→en |")
     assert (out / "retrieval_baseline.json").is_file()
+
+
+def test_retrieval_pools_as_the_config_trained_unless_told(tiny_model, capsys):
+    """--pooling defaults to loss.sentence_pooling (here an override), and --pooling wins."""
+    assert main(["--task", "retrieval", "--model", str(tiny_model), "--loss.sentence_pooling=mean"]) == 0
+    printed = capsys.readouterr().out
+    assert "retrieval (mean)" in printed and "retrieval (cls)" not in printed
+    assert main(["--task", "retrieval", "--model", str(tiny_model), "--loss.sentence_pooling=mean",
+                 "--pooling", "cls"]) == 0
+    assert "retrieval (cls)" in capsys.readouterr().out

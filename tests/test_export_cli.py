@@ -151,3 +151,20 @@ def test_command_line():
 
     assert command_line(["/venv/bin/mmkd-export", "--out", "a b"]) == "mmkd-export --out 'a b'"
     assert command_line(["launchers/distill.py", "--config", "x.yaml"]) == "python launchers/distill.py --config x.yaml"
+
+
+def test_default_pooling_is_the_one_trained_with(tmp_path):
+    """Without --pooling the export pools as the run trained: loss.sentence_pooling of --config,
+    else of the checkpoint's recorded settings, else [CLS] (checkpoints that do not record it)."""
+    from mmkd_ds.cli.export import STATE_FILE, trained_pooling
+
+    tag_dir = tmp_path / "checkpoints" / "step00000001"
+    tag_dir.mkdir(parents=True)
+    assert trained_pooling(tag_dir.parent, tag_dir.name, None) == "cls"  # no state file at all
+    (tag_dir / STATE_FILE).write_text(json.dumps({"settings": {"student.name": "x"}}))
+    assert trained_pooling(tag_dir.parent, tag_dir.name, None) == "cls"
+    (tag_dir / STATE_FILE).write_text(json.dumps({"settings": {"loss.sentence_pooling": "mean"}}))
+    assert trained_pooling(tag_dir.parent, tag_dir.name, None) == "mean"
+    config = tmp_path / "run.yaml"
+    config.write_text("loss:\n  sentence_pooling: cls\n")
+    assert trained_pooling(tag_dir.parent, tag_dir.name, str(config)) == "cls"  # --config wins

@@ -335,3 +335,43 @@ def test_encode_in_buckets_looks_up_token_embeddings_once(student_tokenizer):
     assert calls == [(4, enc["input_ids"].shape[1], 32)]
     out.sum().backward()
     assert encoder.get_input_embeddings().weight.grad is not None
+
+
+def test_mean_sentence_pooling_and_headless_structure_use_the_sentence_vectors(student_tokenizer, teacher_dir, pairs):
+    """loss.sentence_pooling mean + loss.structure_heads none + teacher.sentence mean: the
+    sentence loss reads the student's token mean through its heads, the structure loss compares
+    the similarity matrices of the two models' own sentence vectors (no structure heads)."""
+    from mmkd_ds.losses import byol_loss, structure_kl_loss
+    from mmkd_ds.sentence_pooling import sentence_vectors
+
+    mean_teacher = load_teacher(TeacherConfig(name=str(teacher_dir), sentence="mean"))
+    samples = build_samples(mean_teacher, pairs, 0, 3)
+    loss = loss_cfg(token_weight=0.0, word_weight=0.0, sentence_pooling="mean", structure_heads="none",
+                    structure_tau=0.1)
+    student = make_student(student_tokenizer, hidden=24)  # teacher 32: the matrices need no common size
+    model = MMKDModel(student, 32, loss).eval()
+    assert model.structure_heads is None and model.sentence_heads is not None
+    batch = collate(student_tokenizer, samples, loss)
+    out = model(batch)
+    hidden = student.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          token_type_ids=batch["token_type_ids"]).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    sent = (hidden * mask).sum(1) / mask.sum(1)  # written out, not sentence_vectors
+    assert torch.allclose(sent, sentence_vectors(hidden, batch["attention_mask"], "mean"))
+    assert not torch.allclose(sent, hidden[:, 0], atol=1e-3)  # the choice matters here
+    teacher_sent = batch["teacher_cls"]
+    assert torch.allclose(out["structure"], structure_kl_loss(sent, teacher_sent, 0.1, backend="torch"), atol=1e-6)
+    z, zt = model.sentence_heads(sent, teacher_sent)
+    assert torch.allclose(out["sentence"], byol_loss(z, zt), atol=1e-6)
+    # the teacher's targets are its token means, not its [CLS]
+    cls_samples = build_samples(load_teacher(TeacherConfig(name=str(teacher_dir))), pairs, 0, 3)
+    cls_batch = collate(student_tokenizer, cls_samples, loss)
+    assert not torch.allclose(cls_batch["teacher_cls"], teacher_sent, atol=1e-2)
+    # structure gradients reach the encoder, with no parameters of its own
+    model.train()
+    only_structure = MMKDModel(student, 32, loss_cfg(token_weight=0.0, word_weight=0.0, sentence_weight=0.0,
+                                                     sentence_pooling="mean", structure_heads="none"))
+    assert not any(p.requires_grad for p in only_structure.parameters() if p not in set(student.parameters()))
+    student.zero_grad()
+    only_structure(batch)["total"].backward()
+    assert student.bert.encoder.layer[-1].output.dense.weight.grad.abs().sum() > 0

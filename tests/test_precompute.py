@@ -349,3 +349,45 @@ def test_successful_run_reports_skipped_and_repaired_lines(tmp_path, teacher_dir
     assert str(tmp_path) not in (out / "skips.json").read_text()
     assert set(report["repaired"]) == {"crlf", "bom"}
     assert read_manifest(out).total_samples == 81  # 40 + 40 + the repaired line
+
+
+def test_teacher_sentence_mean_stores_the_token_mean_and_is_checked(tmp_path, teacher_dir):
+    """teacher.sentence mean: row 0 of every vector is the mean of the teacher's token states
+    (specials included), the manifest says so, and a run expecting [CLS] vectors is refused; a
+    manifest from before the field existed reads as [CLS]."""
+    from mmkd_ds.config.schema import TeacherConfig
+    from mmkd_ds.shards.manifest import check_manifest
+
+    corpus = small_corpus(tmp_path)
+    out = tmp_path / "shards"
+    path = write_config(tmp_path, teacher_dir, str(corpus / "small.en-de.tsv"), out, shard_size=50)
+    path.write_text(path.read_text().replace(f"  name: '{teacher_dir}'\n", f"  name: '{teacher_dir}'\n  sentence: mean\n"))
+    cfg = load_config(path)
+    assert cfg.teacher.sentence == "mean"
+    run_precompute(cfg, ProcessPlace(0, 1, 0))
+    manifest = read_manifest(out)
+    assert manifest.teacher["sentence"] == "mean"
+    check_manifest(manifest, cfg.teacher)
+
+    import webdataset as wds
+
+    model = AutoModel.from_pretrained(teacher_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    seen = 0
+    for sample in wds.WebDataset([str(out / s.name) for s in manifest.shards], shardshuffle=False,
+                                 empty_check=False).decode():
+        enc = tokenizer(sample["json"]["words"], is_split_into_words=True, return_tensors="pt")
+        with torch.no_grad():
+            hidden = model(**enc).last_hidden_state[0]
+        np.testing.assert_allclose(sample["vec.npy"][0].astype(np.float32), hidden.mean(0).numpy(), atol=2e-3, rtol=2e-3)
+        assert not np.allclose(sample["vec.npy"][0].astype(np.float32), hidden[0].numpy(), atol=1e-2)
+        seen += 1
+    assert seen == 40
+
+    cls_teacher = TeacherConfig(name=str(teacher_dir))
+    with pytest.raises(ManifestError, match="teacher.sentence is 'mean' but the run's config has teacher.sentence='cls'"):
+        check_manifest(manifest, cls_teacher)
+    del manifest.teacher["sentence"]  # as written before the field existed
+    check_manifest(manifest, cls_teacher)
+    with pytest.raises(ManifestError, match="teacher.sentence is 'cls'"):
+        check_manifest(manifest, cfg.teacher)

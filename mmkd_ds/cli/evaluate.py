@@ -81,8 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", help="the encoder: Hugging Face model directory or hub name (required)")
     add_config_arguments(parser, "YAML run config whose data.heldout are the retrieval pairs (default: the "
                                  "bundled sample's held-out split)")
-    parser.add_argument("--pooling", choices=("cls", "mean"), default="cls",
-                        help="retrieval: the sentence vector, the [CLS] state or the mean of the token states")
+    parser.add_argument("--pooling", choices=("cls", "mean"), default=None,
+                        help="retrieval: the sentence vector, the [CLS] state or the mean of the token states "
+                             "(default: loss.sentence_pooling of --config, the one the student was trained with; "
+                             "without --config, cls)")
     parser.add_argument("--bitext", metavar="DIR",
                         help="retrieval: the pairs are the MTEB bitext files (Tatoeba, BUCC; test split) under DIR, "
                              "e.g. the Hugging Face cache of mteb/tatoeba-bitext-mining, instead of data.heldout; "
@@ -158,10 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     except ModelSourceError as exc:
         print(f"mmkd-eval: {exc}", file=sys.stderr)
         return 2
-    result = evaluate_retrieval(model, tokenizer, pairs, pooling=args.pooling, low_resource=low_resource)
+    pooling = args.pooling or cfg.loss.sentence_pooling
+    result = evaluate_retrieval(model, tokenizer, pairs, pooling=pooling, low_resource=low_resource)
     baseline = None
     if baseline_encoder is not None:
-        baseline = evaluate_retrieval(*baseline_encoder, pairs, pooling=args.pooling, low_resource=low_resource)
+        baseline = evaluate_retrieval(*baseline_encoder, pairs, pooling=pooling, low_resource=low_resource)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

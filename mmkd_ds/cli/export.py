@@ -50,7 +50,8 @@ Outputs, in --out DIR (replaced if it is an earlier export):
                           load the masked-LM with it
   modules.json, sentence_bert_config.json, 1_Pooling/, config_sentence_transformers.json
                           (--format sentence-transformers) SentenceTransformer(DIR) loads it, with
-                          the pooling of mmkd-eval --pooling (default [CLS]), 128 tokens at most
+                          the pooling of mmkd-eval --pooling (default: the one trained with), 128
+                          tokens at most
   README.md               model card: teacher, corpus languages and pairs, steps, held-out retrieval
                           before/after (from the run's metrics.jsonl), the commands that made it
 """
@@ -80,9 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", choices=FORMATS, default="sentence-transformers",
                         help="sentence-transformers: the Hugging Face directory plus the sentence-transformers "
                              "files (what training's own export writes); hf: the Hugging Face files only")
-    parser.add_argument("--pooling", choices=("cls", "mean"), default="cls",
-                        help="sentence-transformers pooling: the [CLS] state (what distillation trains and the "
-                             "README reports) or the mean of the token states; as mmkd-eval --pooling")
+    parser.add_argument("--pooling", choices=("cls", "mean"), default=None,
+                        help="sentence-transformers pooling: the [CLS] state or the mean of the token states, as "
+                             "mmkd-eval --pooling (default: the run's loss.sentence_pooling, from --config or the "
+                             "checkpoint's settings; cls for checkpoints that do not record it)")
     add_config_arguments(parser, "YAML run config whose student.* name the initial student (default: the "
                                  "checkpoint's own settings)")
     return parser
@@ -140,6 +142,20 @@ def student_settings(ckpt_dir: Path, tag: str, config: str | None, overrides: li
             "the checkpoint's settings")
 
 
+def trained_pooling(ckpt_dir: Path, tag: str, config: str | None) -> str:
+    """The sentence pooling the student was trained with: loss.sentence_pooling of --config, else
+    of the checkpoint's recorded settings, else "cls" (checkpoints from before the setting)."""
+    if config:
+        from mmkd_ds.config import load_config
+
+        return load_config(config).loss.sentence_pooling
+    try:
+        settings = json.loads((ckpt_dir / tag / STATE_FILE).read_text(encoding="utf-8")).get("settings") or {}
+    except (OSError, ValueError):
+        settings = {}
+    return settings.get("loss.sentence_pooling", "cls")
+
+
 def check_out_dir(out: Path) -> None:
     """Refuse to replace a directory that is not an earlier export (the export replaces --out whole)."""
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file())):
@@ -168,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         name, revision, tokenizer_name, origin = student_settings(ckpt_dir, tag, args.config, overrides)
         print(f"mmkd-export: checkpoint {ckpt_dir / tag}; initial student {name} (from {origin})", flush=True)
         command = command_line(["mmkd-export", *(sys.argv[1:] if argv is None else argv)])
-        result = export(ckpt_dir, tag, name, revision, tokenizer_name, out, args.format, args.pooling,
+        pooling = args.pooling or trained_pooling(ckpt_dir, tag, args.config)
+        result = export(ckpt_dir, tag, name, revision, tokenizer_name, out, args.format, pooling,
                         origin == "the checkpoint's settings", command)
     except (ExportInputError, ConfigError, ModelSourceError, FileNotFoundError) as exc:
         print(f"mmkd-export: {exc}", file=sys.stderr)

@@ -117,6 +117,11 @@ class TeacherConfig:
     # Subword -> word pooling: "first" (the word's first subword, as the authors' code) or
     # "mean" (of the word's subwords).
     pooling: str = "first"
+    # The teacher's sentence vector (the target of the sentence and structure levels): "cls",
+    # the [CLS] state (the authors'), or "mean", the mean of every token state of the sentence
+    # (what mean-pooling sentence encoders such as all-MiniLM-L6-v2 were trained to output;
+    # their [CLS] state is not a sentence embedding).
+    sentence: str = "cls"
     # Storage dtype of the vectors in the shards: "float16" (half of float32; .npy has no bf16),
     # "float32", or "int8" (per-row symmetric quantisation with a scale per vector: half of
     # float16 again, at a relative error near 1% per vector; see docs/shards.md).
@@ -130,6 +135,8 @@ class TeacherConfig:
             raise ConfigError(f"{key}.name", "must name a model")
         if self.pooling not in ("mean", "first"):
             raise ConfigError(f"{key}.pooling", f"must be mean or first, got {self.pooling!r}")
+        if self.sentence not in ("cls", "mean"):
+            raise ConfigError(f"{key}.sentence", f"must be cls or mean, got {self.sentence!r}")
         if self.dtype not in ("float16", "float32", "int8"):
             raise ConfigError(f"{key}.dtype", f"must be float16, float32 or int8, got {self.dtype!r}")
         if self.max_tokens < 4:
@@ -254,6 +261,10 @@ class LossConfig:
     # "sentence" (the authors': mean over each sentence's scored words, then over the sentences
     # that have one) or "word" (one mean over every scored word of the batch).
     word_reduction: str = "sentence"
+    # The student's sentence vector, input of the sentence and structure levels: "cls" (the
+    # [CLS] state, the authors') or "mean" (the mean of the sentence's token states). Pair it
+    # with teacher.sentence and with the pooling the student is evaluated and exported with.
+    sentence_pooling: str = "cls"
     # Sentence and structure heads (the authors' _build_mlp): MLP hidden width m (their
     # --mmkd-mlp-dim) and output width (--mmkd-dim).
     head_hidden: int = 768
@@ -273,6 +284,11 @@ class LossConfig:
     # with gradient).
     structure_tau: float = 1.0
     structure_columns: str = "local"
+    # What the structure level's similarity matrices are built from: "mlp" (the authors': u and v
+    # from the level's own heads, a trained projector + predictor and a frozen random teacher
+    # projector) or "none" (the student's and the teacher's sentence vectors themselves, so the
+    # matrices compare the two models' own embedding spaces; the sizes may differ).
+    structure_heads: str = "mlp"
     # Fused kernels (structure KL, word pooling): "auto" = Triton on CUDA, torch elsewhere;
     # "triton" or "torch" forces one.
     kernels: str = "auto"
@@ -297,6 +313,8 @@ class LossConfig:
             "word_reduction": ("sentence", "word"),
             "teacher_head": ("frozen", "ema"),
             "structure_columns": ("local", "global"),
+            "sentence_pooling": ("cls", "mean"),
+            "structure_heads": ("mlp", "none"),
             "kernels": ("auto", "triton", "torch"),
         }
         for name, allowed in choices.items():

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from mmkd_ds.data.pairs import Pair
 from mmkd_ds.model_source import check_model_source, explained_load
+from mmkd_ds.sentence_pooling import sentence_vectors
 
 POOLINGS = ("cls", "mean")
 
@@ -107,11 +108,7 @@ def embed_sentences(
                 )
                 enc = {k: v.to(device) for k, v in enc.items()}
                 hidden = encoder(**enc)[0].float()  # last_hidden_state [B, L, H]
-                if pooling == "cls":
-                    pooled = hidden[:, 0]
-                else:
-                    mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+                pooled = sentence_vectors(hidden, enc["attention_mask"], pooling)
                 out[torch.tensor(idx)] = pooled.cpu()
     finally:
         for m, was_training in modes:

@@ -2,7 +2,8 @@
 
 One encoder pass per step over the stacked row groups of ``training.batch`` (tlm, word,
 sent), optionally split into buckets of similar length (``student.length_buckets``); the MLM head runs only on the selected positions (never a [rows, L, vocab] logits tensor);
-the student's [CLS] of the translation feeds both the sentence and the structure heads.
+the student's sentence vector of the translation ([CLS] or token mean, loss.sentence_pooling)
+feeds both the sentence and the structure levels.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 from mmkd_ds.config.schema import LossConfig
 from mmkd_ds.kernels.word_pool import word_pool
 from mmkd_ds.losses import SentenceHeads, StructureHeads, byol_loss, structure_kl_loss, tlm_loss, word_infonce_loss
+from mmkd_ds.sentence_pooling import sentence_vectors
 
 OBJECTIVES = ("token", "word", "sentence", "structure")
 
@@ -102,10 +104,11 @@ class MMKDModel(nn.Module):
                           loss.teacher_head, loss.ema_decay, **form)
             if loss.sentence_weight > 0 else None
         )
-        # The structure level's own projector + predictor (student) and frozen projector (teacher).
+        # The structure level's own projector + predictor (student) and frozen projector (teacher);
+        # none with loss.structure_heads "none" (the matrices of the sentence vectors themselves).
         self.structure_heads = (
             StructureHeads(hidden, teacher_hidden, loss.head_hidden, loss.head_out, loss.teacher_head_seed, **form)
-            if loss.structure_weight > 0 else None
+            if loss.structure_weight > 0 and loss.structure_heads == "mlp" else None
         )
         encoder_args = inspect.signature(student.base_model.forward).parameters
         self._pass_token_types = "token_type_ids" in encoder_args
@@ -149,13 +152,19 @@ class MMKDModel(nn.Module):
             )
             offset += rows["word"]
         if rows["sent"]:
-            cls = hidden[offset : offset + rows["sent"], 0]  # student [CLS] of x, for both heads
-            teacher_cls = batch["teacher_cls"].to(cls.dtype)
+            # The student's sentence vector of x ([CLS] or token mean), input of both levels;
+            # teacher_cls holds the teacher's, pooled as teacher.sentence says.
+            sent_mask = batch["attention_mask"][offset : offset + rows["sent"]]
+            sent = sentence_vectors(hidden[offset : offset + rows["sent"]], sent_mask, self.loss_cfg.sentence_pooling)
+            teacher_sent = batch["teacher_cls"].to(sent.dtype)
             if self.sentence_heads is not None:
-                z, z_teacher = self.sentence_heads(cls, teacher_cls)
+                z, z_teacher = self.sentence_heads(sent, teacher_sent)
                 losses["sentence"] = byol_loss(z, z_teacher)
-            if self.structure_heads is not None:
-                u, v = self.structure_heads(cls, teacher_cls)
+            if self.loss_cfg.structure_weight > 0:
+                if self.structure_heads is not None:
+                    u, v = self.structure_heads(sent, teacher_sent)
+                else:
+                    u, v = sent, teacher_sent.detach()
                 if self.loss_cfg.structure_columns == "global":
                     u_cols, v_cols = gather_columns(u, with_grad=True), gather_columns(v, with_grad=False)
                 else:

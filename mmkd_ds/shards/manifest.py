@@ -70,7 +70,9 @@ def read_manifest(shard_dir: str | Path) -> Manifest:
 
 
 # Teacher fields that must agree between a manifest and the run's TeacherConfig.
-_CHECKED_TEACHER_FIELDS = ("name", "layer", "pooling", "dtype", "max_tokens")
+_CHECKED_TEACHER_FIELDS = ("name", "layer", "pooling", "sentence", "dtype", "max_tokens")
+# Fields added after the first manifests: what a manifest without them was made with.
+_TEACHER_FIELD_DEFAULTS = {"sentence": "cls"}
 
 
 def check_manifest(manifest: Manifest, teacher: TeacherConfig, where: str = "") -> None:
@@ -81,7 +83,7 @@ def check_manifest(manifest: Manifest, teacher: TeacherConfig, where: str = "") 
             f"{prefix}manifest field pretokenizer is {manifest.pretokenizer!r}, this run uses {PRETOKENIZER_NAME!r}"
         )
     for name in _CHECKED_TEACHER_FIELDS:
-        have, want = manifest.teacher.get(name), getattr(teacher, name)
+        have, want = manifest.teacher.get(name, _TEACHER_FIELD_DEFAULTS.get(name)), getattr(teacher, name)
         if have != want:
             raise ManifestError(
                 f"{prefix}manifest field teacher.{name} is {have!r} but the run's config has teacher.{name}={want!r}"

@@ -155,13 +155,13 @@ def build_online_teacher(cfg: RunConfig, device: torch.device):
 
 
 def fill_online_teacher(batch: dict, teacher, cfg: RunConfig) -> None:
-    """Online mode: the frozen teacher's [CLS] and word vectors, computed in the step."""
+    """Online mode: the frozen teacher's sentence and word vectors, computed in the step."""
     from mmkd_ds.teacher import teacher_forward
 
     n_words = batch.get("n_words") or int(batch["teacher_word_ids"].max()) + 1
     cls, words = teacher_forward(
         teacher.model, batch["teacher_input_ids"], batch["teacher_attention_mask"], batch["teacher_word_ids"],
-        n_words, cfg.teacher.layer, cfg.teacher.pooling,
+        n_words, cfg.teacher.layer, cfg.teacher.pooling, cfg.teacher.sentence,
     )
     batch["teacher_cls"], batch["teacher_words"] = cls, words
 
@@ -453,8 +453,8 @@ def train(cfg: RunConfig, ds_config_path: str | None, resume: bool = False) -> T
             from mmkd_ds.training.model_card import export_finisher
 
             revision = None if Path(cfg.student.name).exists() else cfg.student.revision
-            # Also the sentence-transformers files ([CLS] pooling) and the model card (README.md).
-            finish = export_finisher(ckpt_dir, last_tag, "cls", out_dir, command)
+            # Also the sentence-transformers files (pooled as in training) and the model card (README.md).
+            finish = export_finisher(ckpt_dir, last_tag, cfg.loss.sentence_pooling, out_dir, command)
             export_dir = export_student(ckpt_dir, last_tag, cfg.student.name, tokenizer, out_dir / "student", revision,
                                         finish=finish)
         torch.distributed.barrier()
