@@ -52,6 +52,8 @@ p.add_argument("--student", required=True)
 p.add_argument("--tag", default="")
 p.add_argument("--clip", type=float, default=1.0)
 p.add_argument("--mse", type=float, default=0.0)
+p.add_argument("--struct-heads", type=int, default=1)
+p.add_argument("--nodiag", type=int, default=0)  # 1: leave each row's self-similarity out of the structure softmaxes  # 0: structure KL on the pooled vectors themselves
 a = p.parse_args()
 torch.manual_seed(a.seed); random.seed(a.seed)
 
@@ -94,7 +96,7 @@ tok = AutoTokenizer.from_pretrained(a.student)
 student = AutoModel.from_pretrained(a.student)
 H = student.config.hidden_size
 sent = SentenceHeads(H, H, a.hh, a.ho, 0, a.teacher_head, 0.99) if a.sw > 0 else None
-struct = StructureHeads(H, H, a.hh, a.ho, 0) if a.stw > 0 else None
+struct = StructureHeads(H, H, a.hh, a.ho, 0) if a.stw > 0 and a.struct_heads else None
 mods = torch.nn.ModuleDict({k: v for k, v in {"sent": sent, "struct": struct}.items() if v is not None})
 enc_params = [p_ for p_ in student.parameters()]
 new_params = [p_ for p_ in mods.parameters() if p_.requires_grad]
@@ -113,6 +115,15 @@ def evaluate(step):
         r[pool + "_lang"] = {l: round(50 * (v["xx2en"] + v["en2xx"]), 1) for l, v in res.per_language.items()}
     print(json.dumps({"step": step, **r}), flush=True)
     return r
+
+def skl(u, v, tau):
+    if not a.nodiag:
+        return structure_kl_loss(u, v, tau)
+    un = F.normalize(u.float(), dim=-1); vn = F.normalize(v.detach().float(), dim=-1)
+    eye = torch.eye(len(u), dtype=torch.bool)
+    As = (un @ un.T / tau).masked_fill(eye, float("-inf")); At = (vn @ vn.T / tau).masked_fill(eye, float("-inf"))
+    pt = At.softmax(-1); lpt = At.log_softmax(-1).masked_fill(eye, 0); lps = As.log_softmax(-1).masked_fill(eye, 0)
+    return (pt * (lpt - lps)).sum(-1).mean()
 
 def sentvec(x_texts):
     enc = tok(x_texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
@@ -145,7 +156,9 @@ for step in range(a.steps):
         if sent is not None:
             z, zt = sent(s, t); ls = byol_loss(z, zt); loss = loss + a.sw * ls; tot["sent"] = tot.get("sent", 0) + ls.item() / a.ranks
         if struct is not None:
-            u, v = struct(s, t); lt = structure_kl_loss(u, v, a.tau); loss = loss + a.stw * lt; tot["struct"] = tot.get("struct", 0) + lt.item() / a.ranks
+            u, v = struct(s, t); lt = skl(u, v, a.tau); loss = loss + a.stw * lt; tot["struct"] = tot.get("struct", 0) + lt.item() / a.ranks
+        if a.stw > 0 and not a.struct_heads:
+            lt = skl(s, t, a.tau); loss = loss + a.stw * lt; tot["struct"] = tot.get("struct", 0) + lt.item() / a.ranks
         if a.mse > 0:
             lm = F.mse_loss(s, t); loss = loss + a.mse * lm; tot['mse'] = tot.get('mse', 0) + lm.item() / a.ranks
         (loss / a.ranks).backward()

@@ -48,13 +48,15 @@ def pick_pairs(cfg, which: str, limit: int) -> dict[str, list[Pair]]:
 
 @torch.no_grad()
 def head_and_raw_accuracy(model, tokenizer, teacher, pairs: list[Pair], device) -> tuple[float, float]:
-    """(z(x) -> z'(e) accuracy, raw student [CLS] x -> e accuracy) over ``pairs``."""
+    """(z(x) -> z'(e) accuracy, raw student sentence vector x -> e accuracy) over ``pairs``; the
+    sentence vectors pooled as the run trained them (loss.sentence_pooling, teacher.sentence)."""
     feats = []
     for start in range(0, len(pairs), 64):
         feats += encode_batch(teacher, [split_words(p.en) for p in pairs[start:start + 64]])
     teacher_cls = torch.stack([f.cls.float() for f in feats]).to(device)
-    sx = embed_sentences(model.student, tokenizer, [p.xx for p in pairs], pooling="cls", device=device).to(device)
-    se = embed_sentences(model.student, tokenizer, [p.en for p in pairs], pooling="cls", device=device).to(device)
+    pooling = model.loss_cfg.sentence_pooling
+    sx = embed_sentences(model.student, tokenizer, [p.xx for p in pairs], pooling=pooling, device=device).to(device)
+    se = embed_sentences(model.student, tokenizer, [p.en for p in pairs], pooling=pooling, device=device).to(device)
     z_x, z_teacher = model.sentence_heads(sx, teacher_cls)
     return retrieval_accuracy(z_x, z_teacher), retrieval_accuracy(sx, se)
 
