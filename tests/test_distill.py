@@ -339,7 +339,10 @@ EMA = ["--loss.teacher_head=ema", "--loss.ema_decay=0.5"]
         # teacher_head=ema must really update g_T, also when ZeRO-3 partitions the heads: checked
         # in these runs rather than in launches of their own (each launch costs ~25 s of startup)
         ("2", ["--train.grad_accum=2", *EMA]),
-        ("2", ["--train.teacher_mode=online"]),
+        # also the sentence-vector options (token means, structure without heads): no shards to
+        # remake in online mode
+        ("2", ["--train.teacher_mode=online", "--teacher.sentence=mean", "--loss.sentence_pooling=mean",
+               "--loss.structure_heads=none"]),
         ("3", ["--student.length_buckets=3", *EMA]),  # several encoder forwards per step under ZeRO-3
     ],
     ids=["zero1", "zero3-offload", "grad-accum", "online-teacher", "zero3-length-buckets"],
@@ -358,6 +361,11 @@ def test_other_configurations_train_and_export(setup, tmp_path, stage, extra):
     assert AutoModel.from_pretrained(out_dir / "student").config.hidden_size == 32
     if "--loss.teacher_head=ema" in extra:
         assert_teacher_head_moved(setup, out_dir)
+    if "--loss.sentence_pooling=mean" in extra:  # the export pools as it trained
+        from mmkd_ds.training.st_export import sentence_transformers_pooling
+
+        assert sentence_transformers_pooling(out_dir / "student") == "mean"
+        assert set(losses[1]) == {f"loss/{k}" for k in (*OBJECTIVES, "total")}
 
 
 def assert_teacher_head_moved(setup, out_dir: Path) -> None:
