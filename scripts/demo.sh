@@ -16,6 +16,7 @@ if [ "${1:-}" = "--scratch" ]; then
     shift
     CONFIG=configs/demo-scratch.yaml RUN=runs/demo-scratch INIT=()
 fi
+SHARDS=$RUN/shards  # the config's precompute.out_dir
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # DeepSpeed compiles its CPU communication op on first use into TORCH_EXTENSIONS_DIR, by default
@@ -36,13 +37,13 @@ grep -q -- '"--log_level"' "$DS_RUNNER" 2>/dev/null && DS_QUIET=(--log_level=err
 start=$SECONDS
 echo "demo 1/4: student initialisation -> $RUN/student-init"
 [ -f "$RUN/student-init/config.json" ] || mmkd-init-student --config "$CONFIG" --out "$RUN/student-init" ${INIT[@]+"${INIT[@]}"}
-echo "demo 2/4: teacher precompute -> runs/demo/shards"
-if [ -f runs/demo/shards/manifest.json ] && ! python3 -c "
+echo "demo 2/4: teacher precompute -> $SHARDS"
+if [ -f "$SHARDS/manifest.json" ] && ! python3 -c "
 from mmkd_ds.config import load_config
 from mmkd_ds.shards.manifest import check_manifest, read_manifest
-check_manifest(read_manifest('runs/demo/shards'), load_config('$CONFIG').teacher)" 2>/dev/null; then
-    echo "demo: runs/demo/shards holds shards of an older format or other teacher settings: making them again"
-    rm -rf runs/demo/shards
+check_manifest(read_manifest('$SHARDS'), load_config('$CONFIG').teacher)" 2>/dev/null; then
+    echo "demo: $SHARDS holds shards of an older format or other teacher settings: making them again"
+    rm -rf "$SHARDS"
 fi
 mmkd-precompute --config "$CONFIG"
 echo "demo 3/4: distillation (deepspeed, 2 CPU ranks, ZeRO-2) -> $RUN/distill"

@@ -112,3 +112,20 @@ def test_a_float_written_without_a_dot_is_a_number():
 
     with pytest.raises(ConfigError, match="train.lr"):
         load_config(None, ["--train.lr=fast"])
+
+
+def test_bundled_configs_load_and_the_demos_keep_their_own_shards():
+    """Every configs/*.yaml validates; the two demos, whose teacher vectors differ (token means
+    vs [CLS]), write shards to different directories, and scripts/demo.sh checks the directory
+    the config names (else one demo would remake the other's shards on every run)."""
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    loaded = {p.stem: load_config(p, []) for p in sorted(configs.glob("*.yaml"))}
+    assert {"demo", "demo-scratch", "paper"} <= set(loaded)
+    demo, scratch = loaded["demo"], loaded["demo-scratch"]
+    assert (demo.teacher.sentence, scratch.teacher.sentence) == ("mean", "cls")
+    assert demo.loss.sentence_pooling == "mean"
+    for name, cfg in (("demo", demo), ("demo-scratch", scratch)):
+        assert cfg.precompute.out_dir == f"runs/{name}/shards"
+        assert cfg.student.name == f"runs/{name}/student-init"
+    script = (configs.parent / "scripts" / "demo.sh").read_text()
+    assert "SHARDS=$RUN/shards" in script and "runs/demo/shards" not in script
