@@ -7,7 +7,8 @@ For key ``000001234`` (the pair's index in the mixed corpus) it holds two member
                           storage, "scale": the English and translated texts, the English word
                           list from the shared pre-tokenizer (after truncation), teacher subwords
                           per word, the pair's origin (file:line)
-    000001234.vec.npy     teacher vectors [1 + n_words, H]: row 0 the [CLS] vector, rows 1..n
+    000001234.vec.npy     teacher vectors [1 + n_words, H]: row 0 the sentence vector ([CLS] or the
+                          token mean: the manifest's teacher.sentence), rows 1..n
                           the word vectors; float16 (default), float32, or int8
 
 int8 storage is symmetric per-row quantisation: row r holds round(v / scale[r]) clipped to
@@ -123,7 +124,7 @@ def tar_member(name: str, size: int) -> tarfile.TarInfo:
 
 
 def decode_vectors(meta: dict, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A sample's ([CLS] [H], word vectors [n_words, H]) from its JSON and ``vec.npy`` array:
+    """A sample's (sentence vector [H], word vectors [n_words, H]) from its JSON and ``vec.npy`` array:
     float16/float32 as stored, int8 dequantised to float32."""
     if vectors.ndim != 2 or vectors.shape[0] != len(meta["words"]) + 1:
         raise ValueError(f"vec.npy has shape {vectors.shape}, expected [1 + {len(meta['words'])} words, H]")
