@@ -27,6 +27,7 @@ from mmkd_ds.data.pairs import Pair
 from mmkd_ds.evaluation.retrieval import evaluate_retrieval
 from mmkd_ds.losses.sentence import SentenceHeads, byol_loss
 from mmkd_ds.losses.structure import StructureHeads, structure_kl_loss
+from mmkd_ds.sentence_pooling import sentence_vectors
 
 p = argparse.ArgumentParser()
 p.add_argument("--steps", type=int, default=150)
@@ -85,10 +86,7 @@ with torch.inference_mode():
         chunk = ens[i:i+64]
         enc = ttok(chunk, padding=True, truncation=True, max_length=128, return_tensors="pt")
         h = teacher(**enc).last_hidden_state
-        if a.tpool == "cls":
-            v = h[:, 0]
-        else:
-            m = enc["attention_mask"].unsqueeze(-1).float(); v = (h * m).sum(1) / m.sum(1)
+        v = sentence_vectors(h, enc["attention_mask"], a.tpool)
         for s, x in zip(chunk, v.half().float()):
             tvec[s] = x.clone()
 
@@ -128,10 +126,7 @@ def skl(u, v, tau):
 def sentvec(x_texts):
     enc = tok(x_texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
     h = student(**enc).last_hidden_state
-    if a.spool == "cls":
-        return h[:, 0]
-    m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
-    return (h * m).sum(1) / m.sum(1)
+    return sentence_vectors(h, enc["attention_mask"], a.spool)
 
 hist = [evaluate(0)]
 order = []

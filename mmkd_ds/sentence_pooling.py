@@ -7,7 +7,10 @@ a vector trained with one pooling is evaluated with exactly the same one.
 
 from __future__ import annotations
 
-from torch import Tensor
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: importing the choices costs no torch import
+    from torch import Tensor
 
 SENTENCE_POOLINGS = ("cls", "mean")
 

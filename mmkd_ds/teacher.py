@@ -126,7 +126,6 @@ def teacher_forward(
     return sentence_vectors(hidden.float(), attention_mask, sentence), pooled
 
 
-
 def encode_batch(teacher: Teacher, word_lists: list[list[str]]) -> list[TeacherFeatures]:
     """One teacher forward over a batch of English word lists (the precompute's unit of work)."""
     cfg = teacher.cfg

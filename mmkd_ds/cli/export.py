@@ -122,6 +122,14 @@ def _is_tag_dir(path: Path) -> bool:
     return (path / "mp_rank_00_model_states.pt").is_file() or any(path.glob("zero_pp_rank_*_model_states.pt"))
 
 
+def recorded_settings(ckpt_dir: Path, tag: str) -> dict:
+    """The checkpoint's recorded run settings (flattened keys); {} when it has none or no state file."""
+    try:
+        return json.loads((ckpt_dir / tag / STATE_FILE).read_text(encoding="utf-8")).get("settings") or {}
+    except (OSError, ValueError):
+        return {}
+
+
 def student_settings(ckpt_dir: Path, tag: str, config: str | None, overrides: list[str]) -> tuple[str, str, str, str]:
     """``(student.name, student.revision, student.tokenizer, where from)``: --config and
     ``--student.*`` overrides when given, else the checkpoint's recorded settings."""
@@ -130,13 +138,9 @@ def student_settings(ckpt_dir: Path, tag: str, config: str | None, overrides: li
 
         cfg = load_config(config, overrides)
         return cfg.student.name, cfg.student.revision, cfg.student.tokenizer, "--config/overrides"
-    state_path = ckpt_dir / tag / STATE_FILE
-    try:
-        settings = json.loads(state_path.read_text(encoding="utf-8")).get("settings") or {}
-    except (OSError, ValueError):
-        settings = {}
+    settings = recorded_settings(ckpt_dir, tag)
     if not settings.get("student.name"):
-        raise ExportInputError(f"{state_path}: missing or without student.name; pass --config (the run's YAML) "
+        raise ExportInputError(f"{ckpt_dir / tag / STATE_FILE}: missing or without student.name; pass --config (the run's YAML) "
                                "or --student.name=DIR")
     return (settings["student.name"], settings.get("student.revision", "main"), settings.get("student.tokenizer", ""),
             "the checkpoint's settings")
@@ -149,11 +153,7 @@ def trained_pooling(ckpt_dir: Path, tag: str, config: str | None) -> str:
         from mmkd_ds.config import load_config
 
         return load_config(config).loss.sentence_pooling
-    try:
-        settings = json.loads((ckpt_dir / tag / STATE_FILE).read_text(encoding="utf-8")).get("settings") or {}
-    except (OSError, ValueError):
-        settings = {}
-    return settings.get("loss.sentence_pooling", "cls")
+    return recorded_settings(ckpt_dir, tag).get("loss.sentence_pooling", "cls")
 
 
 def check_out_dir(out: Path) -> None:

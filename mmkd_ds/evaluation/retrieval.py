@@ -24,9 +24,8 @@ import torch.nn.functional as F
 
 from mmkd_ds.data.pairs import Pair
 from mmkd_ds.model_source import check_model_source, explained_load
+from mmkd_ds.sentence_pooling import SENTENCE_POOLINGS as POOLINGS
 from mmkd_ds.sentence_pooling import sentence_vectors
-
-POOLINGS = ("cls", "mean")
 
 # Rows of the similarity matrix computed at a time: bounds memory to ROW_CHUNK x N floats.
 _ROW_CHUNK = 4096

@@ -13,9 +13,8 @@ The pooling and the length limit are those of ``mmkd-eval --task retrieval``
 position, mean is the attention-masked mean over every real token, special tokens included,
 and inputs are cut at 128 tokens. ``SentenceTransformer(path).encode(texts)`` therefore gives
 the vectors that retrieval scores (no normalisation module: retrieval uses cosine similarity,
-as ``similarity_fn_name`` says). Default [CLS]: what the sentence and structure levels train
-and what the README and the training log report; ``mean`` is there for students pretrained
-for mean pooling (the demo's, initialised from all-MiniLM-L6-v2, scores higher with it).
+as ``similarity_fn_name`` says). Training's export and ``mmkd-export`` pool as the run trained
+(``loss.sentence_pooling``: [CLS], the authors', or ``mean``, the demo's).
 """
 
 from __future__ import annotations
@@ -23,7 +22,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-POOLINGS = ("cls", "mean")
+from mmkd_ds.sentence_pooling import SENTENCE_POOLINGS as POOLINGS
+
 # embed_sentences' default max_length: what mmkd-eval and the training log's retrieval use.
 MAX_SEQ_LENGTH = 128
 POOLING_DIR = "1_Pooling"
