@@ -55,17 +55,18 @@ def test_resume_on_one_rank_then_on_two_with_zero3(setup, no_dropout_student, tm
 
     resumed = losses_by_step(run)
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
-    # fp32 on CPU: another rank count sums the gradients in another order. Measured here: steps
-    # 1-3 (step 3 the first after the 2 -> 1 resume) equal to 1e-6 relative; step 4 within 3e-5;
-    # step 5 (the first after the 1 -> 2 ZeRO-3 resume) within 2e-5 (1.8e-5 on the structure
-    # loss); step 6 (Adam amplifying that noise in the small structure loss) 3e-3 on the
-    # structure loss and 1.4e-4 on the total. A lost Adam moment, lr position or batch moves the
-    # first step after a resume by 1e-3 or more, so 1e-4 still tells them apart.
+    # fp32 on CPU: another rank count sums the gradients in another order, by how much depends on
+    # the machine. Measured: on the development machine steps 1-5 equal (once, 2e-5 relative at
+    # step 5) and step 6 (Adam amplifying that noise in the small structure loss) within 1e-3 on
+    # the structure loss and 1.4e-4 on the total; on a CI machine 1.2e-4 on step 5's structure
+    # loss. A wrong resume, measured by breaking this one on purpose: Adam moments zeroed at the
+    # resume moved the next step by 2e-2 on the total and 2e-1 on the structure loss; an lr one
+    # step behind moved it by 8e-3 on the total and 3e-2 on the structure loss. So 2e-3 sits
+    # about ten times above the noise and four times below the smallest wrong resume seen.
     for step in range(1, 7):
         for name, value in reference[step].items():
-            rel = 1e-5 if step in (1, 2, 3) else 1e-4 if step in (4, 5) else 1e-2
+            rel = 2e-3 if step <= 5 or name == "loss/total" else 2e-2
             assert resumed[step][name] == pytest.approx(value, rel=rel, abs=1e-6), (step, name)
-        assert resumed[step]["loss/total"] == pytest.approx(reference[step]["loss/total"], rel=1e-3)
 
     # The epoch's samples (48 = 6 steps x 8), as the ranks logged what they trained on: across
     # the three layouts every one once, and every step the same samples as the uninterrupted run.
