@@ -43,7 +43,7 @@ from mmkd_ds.evaluation.retrieval import evaluate_retrieval
 from mmkd_ds.losses.sentence import SentenceHeads, byol_loss
 from mmkd_ds.losses.structure import StructureHeads, structure_kl_loss
 from mmkd_ds.model_source import check_model_source
-from mmkd_ds.sentence_pooling import sentence_vectors
+from mmkd_ds.sentence_pooling import SENTENCE_POOLINGS, sentence_vectors
 from mmkd_ds.training.optim import Schedule, build_optimizer, build_scheduler
 
 LANGUAGES = ("de", "fr", "sw", "ur")
@@ -160,7 +160,7 @@ class TunedModel(nn.Module):
 def evaluate(student: nn.Module, tokenizer, pairs: list[Pair], step: int) -> dict:
     """Retrieval on ``pairs`` with both poolings, printed as one JSON line."""
     row = {"step": step}
-    for pooling in ("cls", "mean"):
+    for pooling in SENTENCE_POOLINGS:
         res = evaluate_retrieval(student, tokenizer, pairs, pooling=pooling)
         row[pooling] = res.average * 100
         row[pooling + "_low"] = res.low_resource_average * 100

@@ -36,6 +36,7 @@ from mmkd_ds.cli.arguments import (
     print_config,
     require_arguments,
 )
+from mmkd_ds.sentence_pooling import SENTENCE_POOLINGS
 
 TASKS = ("retrieval", "xnli", "pawsx", "xquad")
 
@@ -81,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", help="the encoder: Hugging Face model directory or hub name (required)")
     add_config_arguments(parser, "YAML run config whose data.heldout are the retrieval pairs (default: the "
                                  "bundled sample's held-out split)")
-    parser.add_argument("--pooling", choices=("cls", "mean"), default=None,
+    parser.add_argument("--pooling", choices=SENTENCE_POOLINGS, default=None,
                         help="retrieval: the sentence vector, the [CLS] state or the mean of the token states "
                              "(default: loss.sentence_pooling of --config, the one the student was trained with; "
                              "without --config, cls)")

@@ -25,6 +25,7 @@ from mmkd_ds.cli.arguments import (
     print_config,
     require_arguments,
 )
+from mmkd_ds.sentence_pooling import SENTENCE_POOLINGS
 
 FORMATS = ("sentence-transformers", "hf")
 STATE_FILE = "mmkd_state.json"  # as training/checkpoint.py writes it
@@ -81,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", choices=FORMATS, default="sentence-transformers",
                         help="sentence-transformers: the Hugging Face directory plus the sentence-transformers "
                              "files (what training's own export writes); hf: the Hugging Face files only")
-    parser.add_argument("--pooling", choices=("cls", "mean"), default=None,
+    parser.add_argument("--pooling", choices=SENTENCE_POOLINGS, default=None,
                         help="sentence-transformers pooling: the [CLS] state or the mean of the token states, as "
                              "mmkd-eval --pooling (default: the run's loss.sentence_pooling, from --config or the "
                              "checkpoint's settings; cls for checkpoints that do not record it)")

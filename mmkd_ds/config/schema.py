@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mmkd_ds.config.errors import ConfigError
+from mmkd_ds.sentence_pooling import SENTENCE_POOLINGS
 
 
 @dataclass
@@ -135,8 +136,8 @@ class TeacherConfig:
             raise ConfigError(f"{key}.name", "must name a model")
         if self.pooling not in ("mean", "first"):
             raise ConfigError(f"{key}.pooling", f"must be mean or first, got {self.pooling!r}")
-        if self.sentence not in ("cls", "mean"):
-            raise ConfigError(f"{key}.sentence", f"must be cls or mean, got {self.sentence!r}")
+        if self.sentence not in SENTENCE_POOLINGS:
+            raise ConfigError(f"{key}.sentence", f"must be one of {', '.join(SENTENCE_POOLINGS)}, got {self.sentence!r}")
         if self.dtype not in ("float16", "float32", "int8"):
             raise ConfigError(f"{key}.dtype", f"must be float16, float32 or int8, got {self.dtype!r}")
         if self.max_tokens < 4:
@@ -313,7 +314,7 @@ class LossConfig:
             "word_reduction": ("sentence", "word"),
             "teacher_head": ("frozen", "ema"),
             "structure_columns": ("local", "global"),
-            "sentence_pooling": ("cls", "mean"),
+            "sentence_pooling": SENTENCE_POOLINGS,
             "structure_heads": ("mlp", "none"),
             "kernels": ("auto", "triton", "torch"),
         }
