@@ -189,7 +189,10 @@ def test_train_resume_and_export(setup, tmp_path, stage):
     tag = (split / "checkpoints" / "latest").read_text().strip()
     k = int(tag.removeprefix("step"))
     assert 1 <= k < 6, stdout[-3000:]
-    assert f"step {k}: deepspeed runner (pid {proc.pid}) exited, checkpoint {tag} saved" in stdout, stdout[-3000:]
+    # Every rank watches the runner; rank 0 logs, naming the runner if its own watch saw the exit
+    # first, or saying another rank did (which rank notices first is a race).
+    assert any(f"step {k}: {why}, checkpoint {tag} saved" in stdout for why in (
+        f"deepspeed runner (pid {proc.pid}) exited", "the job's launcher exited on another rank")), stdout[-3000:]
     assert "stopped early" in stdout
     # As if the run had then crashed two steps later: those steps are in metrics.jsonl and
     # TensorBoard already, and the resumed run must not show them twice.
